@@ -1,0 +1,58 @@
+# Two commands for a fresh machine with Python 3.11: `make run` and `make test`.
+# Every target sets up .venv from the pinned versions in requirements.lock first (once).
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+BIN := $(CURDIR)/$(VENV)/bin
+STAMP := $(VENV)/.installed
+# Stage commands are `python -m softmaxlab...`: run them with the venv's python.
+export PATH := $(BIN):$(PATH)
+
+.PHONY: setup setup-gpu run test test-fast bench lint params ui lock clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml requirements.lock
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -c requirements.lock -e '.[dev]'
+	@touch $(STAMP)
+
+## setup-gpu: TensorFlow with CUDA libraries (Linux, NVIDIA GPU); then train.device=auto|gpu
+setup-gpu: setup
+	$(BIN)/python -m pip install --quiet -c requirements.lock -e '.[gpu,dev]'
+
+## run: the whole pipeline (dvc repro); a second run says it is up to date
+run: setup
+	dvc repro
+	@$(BIN)/python -m softmaxlab.tracking
+
+## test: the test suite (slow tests included; `make test-fast` skips them)
+test: setup
+	$(BIN)/python -m pytest
+
+test-fast: setup
+	$(BIN)/python -m pytest -m "not slow"
+
+## bench: speed against the tutorial's own script (bench/README.md)
+bench: setup
+	$(BIN)/python bench/run.py
+
+lint: setup
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+## params: recompose params.yaml from conf/ (DVC does this itself on `dvc exp run`)
+params: setup
+	$(BIN)/python -m softmaxlab.config
+
+## ui: MLflow's UI on http://127.0.0.1:5000 (local only)
+ui: setup
+	$(BIN)/python -m softmaxlab.tracking
+	$(BIN)/mlflow ui --host 127.0.0.1 --port 5000 --backend-store-uri sqlite:///$(CURDIR)/mlflow.db
+
+## lock: re-pin every dependency to what is installed now
+lock:
+	$(BIN)/python -m pip freeze --exclude-editable | grep -v '^-e' > requirements.lock
+
+clean:
+	rm -rf data models predictions reports outputs dvc_plots

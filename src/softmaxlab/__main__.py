@@ -1,0 +1,107 @@
+"""`python -m softmaxlab [overrides]` / `softmaxlab [overrides]`: the Hydra app.
+
+One composed config runs the four stages in-process into Hydra's run directory and logs one
+MLflow run; `-m` sweeps, one child run per job under a parent run for the sweep.
+`softmaxlab summarize SWEEP_ID` rebuilds a past sweep's summary.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from softmaxlab.errors import EXIT_USER_ERROR, UserError, debug, fail
+
+_state = {"entered": False}
+
+
+def _config_dir() -> str:
+    from softmaxlab.config import project_root
+
+    conf = project_root() / "conf"
+    if not conf.is_dir():
+        fail(f"no conf/ directory found from {Path.cwd()}: run softmaxlab inside the project")
+    return str(conf)
+
+
+def job(dcfg) -> float:
+    """One Hydra job: validate, run the pipeline, return the sweep objective."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    from softmaxlab import pipeline, sweep, tracking
+    from softmaxlab.config import to_config
+
+    _state["entered"] = True
+    hc = HydraConfig.get()
+    multirun = hc.mode == RunMode.MULTIRUN
+    try:
+        cfg = to_config(dcfg)
+        tracker = tracking.connect(cfg)
+        overrides = " ".join(hc.overrides.task)
+        tags = {"overrides": overrides or "(defaults)"}
+        parent = sweep.parent_run_id() if multirun else None
+        if multirun:
+            tags.update({"sweep_id": sweep.sweep_id(), "job_num": str(hc.job.num)})
+        metrics = pipeline.run(
+            cfg, Path(hc.runtime.output_dir), tracker,
+            run_name=overrides or None, parent_run_id=parent, tags=tags,
+        )  # fmt: skip
+    except UserError as err:
+        if debug():
+            raise
+        if not multirun:
+            fail(str(err))
+        # In a sweep one bad job (say, a learning rate that diverges) must not stop the
+        # others: say so, leave its run FAILED, and let the summary count it.
+        print(f"softmaxlab: error: job {hc.job.num} ({' '.join(hc.overrides.task)}): {err}", file=sys.stderr)
+        return float("nan")
+    value = metrics.get(cfg.objective, float("nan"))
+    print(
+        f"softmaxlab: test accuracy {metrics['test_accuracy']:.4f}, loss {metrics['test_loss']:.4f}, "
+        f"ECE {metrics['test_ece']:.4f} (after T={metrics['temperature']:.2f}: {metrics['test_ece_ts']:.4f}); "
+        f"outputs in {hc.runtime.output_dir}"
+    )
+    return float(value)
+
+
+def _hydra_main() -> None:
+    import hydra
+
+    from softmaxlab import sweep
+    from softmaxlab.config import register_configs
+
+    register_configs()
+    app = hydra.main(version_base=None, config_path=_config_dir(), config_name="config")(job)
+    try:
+        app()
+    except SystemExit as exc:
+        # Hydra reports a bad override (unknown group option, wrong type) itself, without a
+        # traceback, and exits 1 before any job starts: that is a user error.
+        if exc.code == 1 and not _state["entered"]:
+            sys.exit(EXIT_USER_ERROR)
+        raise
+    except KeyboardInterrupt:
+        print("softmaxlab: interrupted", file=sys.stderr)
+        sys.exit(130)
+    finally:
+        sweep.close_parent()
+    if sweep.failed_jobs():
+        sys.exit(1)
+
+
+def cli() -> None:
+    args = sys.argv[1:]
+    if args and args[0] == "summarize":
+        from softmaxlab import sweep
+
+        try:
+            sweep.summarize_cli(args[1:])
+        except UserError as err:
+            fail(str(err))
+        return
+    _hydra_main()
+
+
+if __name__ == "__main__":
+    cli()

@@ -1,0 +1,301 @@
+"""Typed configuration: the schema behind conf/, loading params.yaml, and validation.
+
+conf/ (Hydra) is the source of truth and params.yaml its composed default. Both roads end
+in `Config`: the Hydra app merges the composed config into it, the DVC stages load
+params.yaml into it. `validate` then checks every value once, before any work is done.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from softmaxlab.errors import UserError
+
+PROJECT_MARKERS = ("dvc.yaml", "conf")
+
+ACTIVATIONS = ("relu", "tanh", "sigmoid", "elu", "selu", "gelu", "silu", "leaky_relu")
+INITIALIZERS = (
+    "he_uniform",
+    "he_normal",
+    "glorot_uniform",
+    "glorot_normal",
+    "lecun_uniform",
+    "lecun_normal",
+)
+OPTIMIZERS = ("adam", "sgd", "rmsprop")
+LOSSES = ("categorical_crossentropy", "categorical_focal_crossentropy")
+DEVICES = ("auto", "cpu", "gpu")
+# What a sweep job returns to the sweeper (Optuna maximises or minimises it).
+OBJECTIVES = ("test_accuracy", "test_loss", "test_ece", "test_brier", "test_ece_ts", "val_nll", "val_ece")
+
+
+@dataclass
+class DataConfig:
+    name: str = "blobs"
+    centers: list[list[float]] = field(
+        default_factory=lambda: [[15.0, 0.0], [15.0, 15.0], [0.0, 15.0], [30.0, 15.0]]
+    )
+    cluster_std: float = 1.5
+    n_samples: int = 1000
+    n_test: int = 250
+
+
+@dataclass
+class ModelConfig:
+    name: str = "seed"
+    hidden: list[int] = field(default_factory=lambda: [12, 8])
+    activation: str = "relu"
+    kernel_initializer: str = "he_uniform"
+    dropout: float = 0.0
+    batch_norm: bool = False
+
+
+@dataclass
+class OptimizerConfig:
+    name: str = "adam"
+    lr: float = 0.001
+    momentum: float = 0.0
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 30
+    batch_size: int = 5
+    validation_split: float = 0.2
+    loss: str = "categorical_crossentropy"
+    label_smoothing: float = 0.0
+    device: str = "auto"
+    grid_size: int = 150
+
+
+@dataclass
+class EvaluateConfig:
+    n_bins: int = 15
+    n_bootstrap: int = 1000
+    ci: float = 0.95
+
+
+@dataclass
+class TrackingConfig:
+    enabled: bool = True
+    experiment: str = "softmaxlab"
+    uri: str = ""
+    log_model: bool = True
+
+
+@dataclass
+class PathsConfig:
+    train_data: str = "data/train.parquet"
+    test_data: str = "data/test.parquet"
+    model: str = "models/model.keras"
+    predictions: str = "predictions"
+    train_info: str = "reports/train.json"
+    history: str = "reports/history.csv"
+    metrics: str = "reports/metrics.json"
+    calibration: str = "reports/calibration"
+    figures: str = "reports/figures"
+    report: str = "reports/report.html"
+
+
+@dataclass
+class Config:
+    seed: int = 42
+    objective: str = "test_accuracy"
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    paths: PathsConfig = field(default_factory=PathsConfig)
+
+
+def register_configs() -> None:
+    """Put the schema in Hydra's ConfigStore, where conf/config.yaml's `optional schema`
+    default finds it: a bad override then fails at compose time with the key's type."""
+    from hydra.core.config_store import ConfigStore
+
+    ConfigStore.instance().store(group="schema", name="config", node=Config, package="_global_")
+
+
+def _one_line(err: OmegaConfBaseException) -> str:
+    msg = str(getattr(err, "msg", err)).strip().splitlines()[0]
+    key = getattr(err, "full_key", None)
+    return f"{key}: {msg}" if key else msg
+
+
+def to_config(cfg: DictConfig | dict) -> Config:
+    """Merge a composed or loaded config into the schema, then validate it."""
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(Config), cfg)
+        obj = OmegaConf.to_object(merged)
+    except OmegaConfBaseException as err:
+        raise UserError(f"bad config: {_one_line(err)}") from err
+    validate(obj)
+    return obj
+
+
+def load_params(path: str | os.PathLike = "params.yaml") -> Config:
+    """Load params.yaml (what DVC tracks and the stages read) into a validated Config."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: no such params file; run `make params` to compose it from conf/")
+    try:
+        raw = OmegaConf.load(path)
+    except Exception as err:  # yaml errors come in many classes; all mean a broken file
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise UserError(f"{path}: not valid YAML ({first})") from err
+    if not isinstance(raw, DictConfig):
+        raise UserError(f"{path}: expected a mapping of parameters, got {type(raw).__name__}")
+    return to_config(raw)
+
+
+def as_dict(cfg: Config) -> dict[str, Any]:
+    return OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)
+
+
+def flatten(cfg: Config) -> dict[str, Any]:
+    """`model.hidden` style keys, the form MLflow params and DVC's tables use."""
+    out: dict[str, Any] = {}
+
+    def walk(prefix: str, node: Any) -> None:
+        if isinstance(node, dict):
+            for k, v in node.items():
+                walk(f"{prefix}.{k}" if prefix else k, v)
+        else:
+            out[prefix] = node
+
+    walk("", as_dict(cfg))
+    return out
+
+
+def _bad(key: str, value: Any, allowed: str) -> UserError:
+    return UserError(f"{key}={value!r} is not allowed: {allowed}")
+
+
+def _choice(key: str, value: str, options: tuple[str, ...]) -> None:
+    if value not in options:
+        raise _bad(key, value, "choose one of " + ", ".join(options))
+
+
+def _number(key: str, value: float, lo: float, hi: float, lo_open=False, hi_open=False) -> None:
+    ok = math.isfinite(value)
+    ok = ok and (value > lo if lo_open else value >= lo) and (value < hi if hi_open else value <= hi)
+    if not ok:
+        lb, rb = ("(" if lo_open else "["), (")" if hi_open else "]")
+        raise _bad(key, value, f"must be in {lb}{lo}, {hi}{rb}")
+
+
+def fit_size(n_train: int, validation_split: float) -> int:
+    """Samples trained on; the rest of the training split validates. Keras's own rule, so
+    the split is the tutorial's `validation_split=0.2`."""
+    return int(math.floor(n_train * (1.0 - validation_split)))
+
+
+def validate(cfg: Config) -> None:
+    """Every range, enum and cross-field rule, with the key and the allowed values named."""
+    d, m, o, t, e = cfg.data, cfg.model, cfg.optimizer, cfg.train, cfg.evaluate
+    _number("seed", cfg.seed, 0, 2**32 - 1)
+
+    if len(d.centers) < 2:
+        raise _bad("data.centers", d.centers, "give at least 2 centers (one per class)")
+    for i, c in enumerate(d.centers):
+        if len(c) != 2:
+            raise _bad(f"data.centers[{i}]", c, "each center is a point (x1, x2) of the input plane")
+    for i, c in enumerate(d.centers):
+        if not all(math.isfinite(v) for v in c):
+            raise _bad(f"data.centers[{i}]", c, "coordinates must be finite numbers")
+    if len({tuple(c) for c in d.centers}) != len(d.centers):
+        raise _bad("data.centers", d.centers, "centers must be distinct")
+    _number("data.cluster_std", d.cluster_std, 0, math.inf, lo_open=True, hi_open=True)
+    _number("data.n_samples", d.n_samples, 4, 50_000_000)
+    _number("data.n_test", d.n_test, 1, d.n_samples - 1)
+    n_train = d.n_samples - d.n_test
+    n_fit = fit_size(n_train, t.validation_split)
+    if n_fit < 1 or n_train - n_fit < 1:
+        raise _bad(
+            "data.n_test", d.n_test, f"leaves {n_train} training samples, too few to hold a validation split"
+        )
+
+    if not m.hidden:
+        raise _bad("model.hidden", m.hidden, "give at least one hidden layer, e.g. [12, 8]")
+    for i, units in enumerate(m.hidden):
+        _number(f"model.hidden[{i}]", units, 1, 1_000_000)
+    _choice("model.activation", m.activation, ACTIVATIONS)
+    _choice("model.kernel_initializer", m.kernel_initializer, INITIALIZERS)
+    _number("model.dropout", m.dropout, 0.0, 1.0, hi_open=True)
+
+    _choice("optimizer.name", o.name, OPTIMIZERS)
+    _number("optimizer.lr", o.lr, 0.0, math.inf, lo_open=True, hi_open=True)
+    _number("optimizer.momentum", o.momentum, 0.0, 1.0, hi_open=True)
+
+    _number("train.epochs", t.epochs, 1, 100_000)
+    _number("train.validation_split", t.validation_split, 0.0, 1.0, lo_open=True, hi_open=True)
+    _number("train.batch_size", t.batch_size, 1, math.inf)
+    if t.batch_size > n_fit:
+        raise _bad("train.batch_size", t.batch_size, f"must be <= the {n_fit} samples trained on")
+    _choice("train.loss", t.loss, LOSSES)
+    _number("train.label_smoothing", t.label_smoothing, 0.0, 1.0, hi_open=True)
+    _choice("train.device", t.device, DEVICES)
+    _number("train.grid_size", t.grid_size, 10, 2000)
+
+    _number("evaluate.n_bins", e.n_bins, 1, 1000)
+    _number("evaluate.n_bootstrap", e.n_bootstrap, 0, 100_000)
+    _number("evaluate.ci", e.ci, 0.0, 1.0, lo_open=True, hi_open=True)
+
+    _choice("objective", cfg.objective, OBJECTIVES)
+    if not cfg.tracking.experiment.strip():
+        raise _bad("tracking.experiment", cfg.tracking.experiment, "give a non-empty experiment name")
+
+
+def project_root(start: str | os.PathLike | None = None) -> Path:
+    """The directory holding dvc.yaml and conf/, seen from `start` (default: cwd).
+
+    `dvc exp run --queue` runs each experiment in a copy under <root>/.dvc/tmp/exps/; the
+    tracking store belongs to the real project, not to that throw-away copy.
+    """
+    here = Path(start or os.getcwd()).resolve()
+    parts = here.parts
+    for i in range(len(parts) - 3):
+        if parts[i : i + 3] == (".dvc", "tmp", "exps"):
+            return Path(*parts[:i])
+    for p in (here, *here.parents):
+        if all((p / m).exists() for m in PROJECT_MARKERS):
+            return p
+    return here
+
+
+def compose(overrides: list[str] | None = None, with_schema: bool = False) -> DictConfig:
+    """Compose conf/ as DVC does for `dvc exp run` (no schema: DVC does not import us), or
+    as the Hydra app does (with_schema=True)."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    if with_schema:
+        register_configs()
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(str(project_root() / "conf"), version_base=None):
+        cfg = hydra_compose(config_name="config", overrides=overrides or [])
+    OmegaConf.resolve(cfg)
+    return cfg
+
+
+def write_params(path: str | os.PathLike | None = None) -> Path:
+    """(Re)write params.yaml from conf/ — `make params`."""
+    from softmaxlab.io import write_text
+
+    path = Path(path or project_root() / "params.yaml")
+    write_text(path, OmegaConf.to_yaml(compose()))
+    return path
+
+
+if __name__ == "__main__":
+    print(f"wrote {write_params()}")

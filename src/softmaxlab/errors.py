@@ -1,0 +1,46 @@
+"""User errors: one clear line on stderr and exit code 2, never a traceback.
+
+A traceback is for bugs. Set SOFTMAXLAB_DEBUG=1 to get one for user errors too.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import sys
+from collections.abc import Callable
+from typing import TypeVar
+
+EXIT_USER_ERROR = 2
+F = TypeVar("F", bound=Callable)
+
+
+class UserError(Exception):
+    """Bad input the user can fix: config, data file, environment."""
+
+
+def debug() -> bool:
+    return os.environ.get("SOFTMAXLAB_DEBUG", "").lower() in ("1", "true", "yes")
+
+
+def fail(message: str) -> None:
+    print(f"softmaxlab: error: {message}", file=sys.stderr, flush=True)
+    sys.exit(EXIT_USER_ERROR)
+
+
+def entry_point(fn: F) -> F:
+    """Wrap a stage's main(): user errors print one line and exit 2; Ctrl-C exits 130."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except UserError as err:
+            if debug():
+                raise
+            fail(str(err))
+        except KeyboardInterrupt:
+            print("softmaxlab: interrupted", file=sys.stderr, flush=True)
+            sys.exit(130)
+
+    return wrapper

@@ -1,0 +1,47 @@
+"""The four stages in one process, for the Hydra app and the tests.
+
+The same stage functions as `dvc repro` (generate.generate, train.run, evaluate.run,
+report.run), with `root` set to the run's own directory and one MLflow run around them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import pandas as pd
+
+from softmaxlab import evaluate, generate, report, train
+from softmaxlab.config import Config, DataConfig
+
+# Data per (data config, seed), so a sweep generates each data set once.
+_DATA_CACHE: dict[str, tuple[pd.DataFrame, pd.DataFrame]] = {}
+
+
+def data_for(data: DataConfig, seed: int) -> tuple[pd.DataFrame, pd.DataFrame]:
+    key = json.dumps([dataclasses.asdict(data), seed], sort_keys=True)
+    if key not in _DATA_CACHE:
+        _DATA_CACHE[key] = generate.generate(data, seed)
+    return _DATA_CACHE[key]
+
+
+def run(
+    cfg: Config,
+    root: Path,
+    tracker=None,
+    run_name: str | None = None,
+    parent_run_id: str | None = None,
+    tags: dict[str, str] | None = None,
+) -> dict[str, float]:
+    """generate -> train -> evaluate -> report under `root`; returns the metrics."""
+    from softmaxlab.tracking import maybe_run
+
+    root = Path(root)
+    with maybe_run(tracker, cfg, run_name=run_name, parent_run_id=parent_run_id, tags=tags) as run_id:
+        train_df, test_df = data_for(cfg.data, cfg.seed)
+        generate.write(cfg, train_df, test_df, root)
+        trained = train.run(cfg, root, tracker, run_id)
+        metrics = evaluate.run(cfg, root, tracker, run_id).metrics
+        report.run(cfg, root, tracker, run_id)
+    return {**metrics, "train_seconds": trained.train_seconds, "run_id": run_id}

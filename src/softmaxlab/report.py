@@ -1,0 +1,164 @@
+"""Stage `report`: the figures a person looks at and one self-contained HTML page.
+
+Images are embedded (base64), so reports/report.html opens from disk in any browser and
+reads the same as an MLflow artifact or an e-mail attachment.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from softmaxlab.config import Config, as_dict, load_params
+from softmaxlab.errors import UserError, entry_point
+from softmaxlab.io import read_predictions, read_split, save_figure, write_text
+
+METRIC_ROWS = [
+    ("accuracy", "accuracy", "higher is better"),
+    ("loss", "loss (NLL)", "categorical cross-entropy, lower is better"),
+    ("brier", "Brier score", "sum over classes of squared error, in [0, 2]"),
+    ("ece", "ECE", "top-label, equal-width bins"),
+    ("ece_adaptive", "adaptive ECE", "equal-mass bins"),
+    ("ece_classwise", "classwise ECE", "Kull et al. 2019"),
+    ("mce", "MCE", "worst bin"),
+]
+
+
+def make_figures(cfg: Config, root: Path) -> dict[str, object]:
+    from softmaxlab import plots
+
+    k = len(cfg.data.centers)
+    train = read_split(root / cfg.paths.train_data, k)
+    test = read_split(root / cfg.paths.test_data, k)
+    history = pd.read_csv(root / cfg.paths.history)
+    _, probs, labels = read_predictions(root / cfg.paths.predictions / "test.parquet")
+    grid = pd.read_parquet(root / cfg.paths.predictions / "grid.parquet")
+    acc = float(np.mean(probs.argmax(axis=1) == labels))
+    last = history.iloc[-1]
+    return {
+        "data.png": plots.data(train, test, f"{cfg.data.name}: {len(train)} train, {len(test)} test samples"),
+        "training_curves.png": plots.training_curves(
+            history,
+            f"model {cfg.model.name}, {cfg.optimizer.name} lr {cfg.optimizer.lr}: final val_loss "
+            f"{last['val_loss']:.4f}, val_accuracy {last['val_accuracy']:.4f}",
+        ),
+        "confusion.png": plots.confusion(labels, probs.argmax(axis=1), k, f"test accuracy {acc:.4f}"),
+        "landscape.png": plots.landscape(
+            grid, train, "confidence landscape: colour = predicted class, pale = unsure"
+        ),
+    }
+
+
+def _img(path: Path, alt: str) -> str:
+    data = base64.b64encode(path.read_bytes()).decode("ascii")
+    return f'<figure><img alt="{html.escape(alt)}" src="data:image/png;base64,{data}"><figcaption>{html.escape(alt)}</figcaption></figure>'
+
+
+def _metrics_table(m: dict[str, float], ci: float) -> str:
+    def cell(key: str) -> str:
+        if key not in m:
+            return "<td>–</td>"
+        lo, hi = m.get(f"{key}_ci_low"), m.get(f"{key}_ci_high")
+        interval = f' <span class="ci">[{lo:.4f}, {hi:.4f}]</span>' if lo is not None else ""
+        return f"<td>{m[key]:.4f}{interval}</td>"
+
+    rows = "".join(
+        f"<tr><th>{label}</th>{cell(key)}{cell(key + '_ts')}<td class='note'>{note}</td></tr>"
+        for key, label, note in METRIC_ROWS
+    )
+    return (
+        f"<table><thead><tr><th>test metric</th><th>as trained ({ci:.0%} bootstrap CI)</th>"
+        f"<th>after temperature scaling</th><th></th></tr></thead><tbody>{rows}</tbody></table>"
+    )
+
+
+def render(cfg: Config, metrics: dict[str, float], info: dict, images: list[tuple[Path, str]]) -> str:
+    import yaml
+
+    head = (
+        f"accuracy {metrics['accuracy']:.4f} · loss {metrics['loss']:.4f} · "
+        f"ECE {metrics['ece']:.4f} → {metrics['ece_ts']:.4f} at T = {metrics['temperature']:.3f}"
+    )
+    run = info.get("run_id") or "not tracked"
+    facts = (
+        f"MLflow run <code>{html.escape(str(run))}</code> · device {html.escape(str(info.get('device')))} · "
+        f"training {info.get('train_seconds', 0):.2f} s · data md5 <code>{html.escape(str(info.get('data_md5')))}</code>"
+    )
+    config_yaml = html.escape(yaml.safe_dump(as_dict(cfg), sort_keys=False, default_flow_style=None))
+    figures = "\n".join(_img(p, alt) for p, alt in images)
+    return f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8">
+<title>softmaxlab report: {html.escape(cfg.model.name)} on {html.escape(cfg.data.name)}</title>
+<style>
+body {{ font-family: system-ui, sans-serif; max-width: 1100px; margin: 2em auto; padding: 0 1em; color: #222; }}
+h1 {{ font-size: 1.5em; margin-bottom: .2em; }} .key {{ font-size: 1.15em; color: #333; }}
+table {{ border-collapse: collapse; margin: 1em 0; }} th, td {{ padding: .3em .8em; border-bottom: 1px solid #ddd; text-align: left; }}
+.ci {{ color: #777; font-size: .9em; }} .note {{ color: #777; font-size: .85em; }}
+figure {{ display: inline-block; margin: .5em; vertical-align: top; }} img {{ max-width: 100%; border: 1px solid #eee; }}
+figcaption {{ color: #555; font-size: .9em; }} pre {{ background: #f6f8fa; padding: 1em; overflow: auto; }}
+</style></head><body>
+<h1>softmaxlab: model <em>{html.escape(cfg.model.name)}</em> on <em>{html.escape(cfg.data.name)}</em>, seed {cfg.seed}</h1>
+<p class="key">{head}</p>
+<p>{facts}</p>
+<h2>Test metrics</h2>
+{_metrics_table(metrics, cfg.evaluate.ci)}
+<p class="note">Temperature T is fitted on the validation split by minimising NLL; T &gt; 1 means the
+raw model was over-confident. Intervals: {cfg.evaluate.n_bootstrap} bootstrap resamples of the
+{cfg.data.n_test} test samples.</p>
+<h2>Figures</h2>
+{figures}
+<h2>Configuration</h2>
+<pre>{config_yaml}</pre>
+</body></html>
+"""
+
+
+def run(cfg: Config, root: Path, tracker=None, run_id: str | None = None) -> Path:
+    """Draw the report figures under `root`, write the HTML page, log both."""
+    fig_dir = root / cfg.paths.figures
+    for name, fig in make_figures(cfg, root).items():
+        save_figure(fig, fig_dir / name)
+    metrics_path = root / cfg.paths.metrics
+    if not metrics_path.is_file():
+        raise UserError(f"{metrics_path}: not found; run the evaluate stage first (`dvc repro`)")
+    metrics = json.loads(metrics_path.read_text())
+    info_path = root / cfg.paths.train_info
+    info = json.loads(info_path.read_text()) if info_path.is_file() else {}
+    cal = root / cfg.paths.calibration
+    images = [
+        (fig_dir / "data.png", "training data coloured by class (circles: test points)"),
+        (fig_dir / "training_curves.png", "training curves"),
+        (
+            cal / "reliability.png",
+            "reliability diagram and confidence histogram, before and after temperature scaling",
+        ),
+        (cal / "classwise.png", "per-class reliability curves"),
+        (fig_dir / "confusion.png", "confusion matrix on the test split"),
+        (fig_dir / "landscape.png", "confidence landscape over the input plane"),
+    ]
+    report_path = root / cfg.paths.report
+    write_text(report_path, render(cfg, metrics, info, images))
+    if tracker:
+        tracker.log_artifacts(run_id, [fig_dir], "figures")
+        tracker.log_artifacts(run_id, [report_path])
+    return report_path
+
+
+@entry_point
+def main() -> None:
+    from softmaxlab import tracking
+    from softmaxlab.evaluate import train_info
+
+    cfg = load_params()
+    tracker, run_id = tracking.reopen(cfg, train_info(cfg))
+    path = run(cfg, Path("."), tracker, run_id)
+    print(f"report: {path}")
+
+
+if __name__ == "__main__":
+    main()

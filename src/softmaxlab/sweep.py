@@ -1,0 +1,205 @@
+"""Sweeps: one MLflow parent run per `-m` sweep, one child run per job, and the summary.
+
+The parent run and the experiment are created once in the launching process, before the
+jobs fan out (parallel jobs racing to create them on a fresh sqlite store is a known
+failure), and the jobs find the parent's id in the environment, which joblib's worker
+processes inherit.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import uuid
+from pathlib import Path
+
+import pandas as pd
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig
+
+from softmaxlab.errors import UserError
+
+ENV_PARENT = "SOFTMAXLAB_PARENT_RUN_ID"
+ENV_SWEEP = "SOFTMAXLAB_SWEEP_ID"
+SUMMARY_COLUMNS = {
+    "tags.job_num": "job",
+    "tags.overrides": "overrides",
+    "status": "status",
+    "metrics.test_accuracy": "accuracy",
+    "metrics.test_loss": "loss",
+    "metrics.test_ece": "ece",
+    "metrics.test_ece_ts": "ece_ts",
+    "metrics.temperature": "temperature",
+    "metrics.train_seconds": "train_s",
+    "run_id": "run_id",
+}
+_state: dict = {"parent": None, "failed": 0}
+
+
+def parent_run_id() -> str | None:
+    return os.environ.get(ENV_PARENT)
+
+
+def sweep_id() -> str:
+    return os.environ.get(ENV_SWEEP, "")
+
+
+def failed_jobs() -> int:
+    return _state["failed"]
+
+
+def _job_config(config: DictConfig):
+    from softmaxlab.config import to_config
+
+    return to_config({k: v for k, v in config.items() if k != "hydra"})
+
+
+class SweepCallback(Callback):
+    """Registered in conf/config.yaml under hydra.callbacks."""
+
+    def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
+        from softmaxlab import tracking
+
+        cfg = _job_config(config)
+        tracker = tracking.connect(cfg)
+        sid = f"{Path(config.hydra.sweep.dir).name}-{uuid.uuid4().hex[:6]}"
+        os.environ[ENV_SWEEP] = sid
+        if tracker is None:
+            return
+        tags = {
+            "sweep_id": sid,
+            "sweep_dir": str(Path(config.hydra.sweep.dir).resolve()),
+            "sweep_overrides": " ".join(config.hydra.overrides.task),
+            **tracking.git_state(Path.cwd()),
+        }
+        run = tracker.client.create_run(tracker.experiment_id, run_name=f"sweep {sid}", tags=tags)
+        tracker.log_params(run.info.run_id, cfg)
+        os.environ[ENV_PARENT] = run.info.run_id
+        _state["parent"] = (tracker, run.info.run_id, Path(config.hydra.sweep.dir))
+        print(f"softmaxlab: sweep {sid}, MLflow parent run {run.info.run_id}", file=sys.stderr)
+
+    def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
+        parent = _state["parent"]
+        if parent is None:
+            return
+        tracker, run_id, sweep_dir = parent
+        table = write_summary(tracker, sweep_id(), sweep_dir, run_id)
+        _state["failed"] = int((table["status"] != "FINISHED").sum())
+        print(
+            f"\nsweep {sweep_id()}: {len(table)} jobs\n{table.drop(columns='run_id').to_string(index=False)}"
+        )
+        print(f"summary: {sweep_dir / 'summary.csv'}; runs table: "
+              f"{tracking_link(tracker)}")  # fmt: skip
+        close_parent()
+
+
+def tracking_link(tracker) -> str:
+    from softmaxlab.tracking import runs_table_url
+
+    return runs_table_url(tracker.experiment_id)
+
+
+def close_parent() -> None:
+    """End the parent run: FINISHED if every child finished, else FAILED. Also runs when the
+    sweep itself was aborted, so the parent is never left RUNNING."""
+    parent = _state["parent"]
+    if parent is None:
+        return
+    tracker, run_id, _ = parent
+    children = search_children(tracker, sweep_id())
+    ok = len(children) > 0 and (children["status"] == "FINISHED").all()
+    tracker.client.set_terminated(run_id, "FINISHED" if ok and not _state["failed"] else "FAILED")
+    _state["parent"] = None
+
+
+def search_children(tracker, sid: str) -> pd.DataFrame:
+    import mlflow
+
+    df = mlflow.search_runs(
+        experiment_ids=[tracker.experiment_id],
+        filter_string=f"tags.sweep_id = '{sid}' and tags.job_num != ''",
+        output_format="pandas",
+    )
+    return df
+
+
+def summary_table(children: pd.DataFrame) -> pd.DataFrame:
+    cols = {src: dst for src, dst in SUMMARY_COLUMNS.items() if src in children.columns}
+    table = children[list(cols)].rename(columns=cols)
+    if "job" in table:
+        table["job"] = table["job"].astype(int)
+        table = table.sort_values("job")
+    return table.reset_index(drop=True)
+
+
+def accuracy_vs_ece(table: pd.DataFrame, title: str):
+    import matplotlib.pyplot as plt
+
+    from softmaxlab import plots  # noqa: F401  (sets the Agg backend)
+
+    fig, ax = plt.subplots(figsize=(7, 5))
+    done = table.dropna(subset=["accuracy", "ece"])
+    ax.scatter(done["ece"], done["accuracy"], color="#4c72b0")
+    for _, row in done.iterrows():
+        ax.annotate(f"{row['job']}: {row['overrides']}", (row["ece"], row["accuracy"]),
+                    fontsize=6, xytext=(3, 3), textcoords="offset points")  # fmt: skip
+    ax.set(xlabel="test ECE (lower is better)", ylabel="test accuracy (higher is better)", title=title)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return fig
+
+
+def write_summary(tracker, sid: str, out_dir: Path, parent_run_id: str | None) -> pd.DataFrame:
+    from softmaxlab.io import save_figure, write_table, write_text
+
+    children = search_children(tracker, sid)
+    if children.empty:
+        raise UserError(
+            f"sweep {sid!r}: no runs found in experiment {tracker.experiment_id} of {tracker.uri}"
+        )
+    table = summary_table(children)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_table(out_dir / "summary.csv", table)
+    write_text(out_dir / "summary.md", table.to_markdown(index=False, floatfmt=".4f") + "\n")
+    save_figure(accuracy_vs_ece(table, f"sweep {sid}: {len(table)} jobs"), out_dir / "accuracy_vs_ece.png")
+    if parent_run_id:
+        tracker.log_artifacts(
+            parent_run_id,
+            [out_dir / "summary.csv", out_dir / "summary.md", out_dir / "accuracy_vs_ece.png"],
+            "summary",
+        )
+        best = table.dropna(subset=["accuracy"]).sort_values(["accuracy", "ece"], ascending=[False, True])
+        if len(best):
+            tracker.log_metrics(parent_run_id, {"best_test_accuracy": best.iloc[0]["accuracy"],
+                                                "n_jobs": len(table)})  # fmt: skip
+    return table
+
+
+def summarize_cli(args: list[str]) -> None:
+    """softmaxlab summarize SWEEP_ID [OUT_DIR]: rebuild a past sweep's summary."""
+    from softmaxlab import tracking
+    from softmaxlab.config import load_params, project_root
+
+    if not args or len(args) > 2:
+        raise UserError("usage: softmaxlab summarize SWEEP_ID [OUT_DIR]")
+    sid = args[0]
+    cfg = load_params(project_root() / "params.yaml")
+    tracker = tracking.connect(cfg)
+    if tracker is None:
+        raise UserError("tracking.enabled is false: there are no runs to summarize")
+    out = Path(args[1]) if len(args) > 1 else project_root() / "outputs" / "summaries" / sid
+    parent = _find_parent(tracker, sid)
+    table = write_summary(tracker, sid, out, parent)
+    print(table.drop(columns="run_id").to_string(index=False))
+    print(f"summary: {out / 'summary.csv'}")
+
+
+def _find_parent(tracker, sid: str) -> str | None:
+    import mlflow
+
+    df = mlflow.search_runs(
+        experiment_ids=[tracker.experiment_id],
+        filter_string=f"tags.sweep_id = '{sid}' and tags.sweep_overrides != ''",
+        output_format="pandas",
+    )
+    return None if df.empty else df.iloc[0]["run_id"]

@@ -1,0 +1,294 @@
+"""MLflow at the edges: where runs go, what they record, and that none is left RUNNING.
+
+Stages and the Hydra app compute first and hand their results here. Metrics go in batches
+(one call per stage, not one per number) through an explicit run id, so the DVC stages, which
+run in separate processes, can all add to the one run the train stage opened.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import platform
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from softmaxlab.config import Config, flatten, project_root
+from softmaxlab.errors import UserError
+
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+# How long a remote tracking server may take to answer before we fall back (see connect).
+REACHABLE_TIMEOUT_S = 5.0
+VERSIONED_PACKAGES = ("softmaxlab", "tensorflow", "keras", "numpy", "scikit-learn", "mlflow", "dvc")
+
+
+def resolve_uri(cfg: Config) -> str:
+    """cfg.tracking.uri, else $MLFLOW_TRACKING_URI, else MLflow's own default store,
+    sqlite:///mlflow.db, anchored at the project root so that runs started from Hydra's
+    output directories or DVC's experiment copies land in one store."""
+    uri = cfg.tracking.uri or os.environ.get("MLFLOW_TRACKING_URI", "")
+    if not uri:
+        return f"sqlite:///{project_root() / 'mlflow.db'}"
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        path = Path(uri.removeprefix("sqlite:///"))
+        return f"sqlite:///{(project_root() / path).resolve()}"
+    return uri
+
+
+def _reachable(uri: str) -> str | None:
+    """None if an http(s) tracking server answers /health in time, else why not."""
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=REACHABLE_TIMEOUT_S) as r:
+            return None if r.status == 200 else f"HTTP {r.status}"
+    except urllib.error.HTTPError as err:
+        return f"HTTP {err.code}"
+    except Exception as err:  # refused, DNS, timeout: all mean "not reachable now"
+        reason = getattr(err, "reason", err)
+        return str(reason) or type(err).__name__
+
+
+def git_state(root: Path) -> dict[str, str]:
+    def git(*args: str) -> str:
+        out = subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, timeout=10, check=True)
+        return out.stdout.strip()
+
+    try:
+        commit = git("rev-parse", "HEAD")
+        dirty = bool(git("status", "--porcelain", "--untracked-files=no"))
+    except (OSError, subprocess.SubprocessError):
+        return {"git_commit": "unknown"}
+    return {"git_commit": commit, "mlflow.source.git.commit": commit, "git_dirty": str(dirty).lower()}
+
+
+def environment_tags() -> dict[str, str]:
+    tags = {"python": platform.python_version(), "platform": platform.platform()}
+    for pkg in VERSIONED_PACKAGES:
+        with contextlib.suppress(metadata.PackageNotFoundError):
+            tags[f"versions.{pkg}"] = metadata.version(pkg)
+    return tags
+
+
+class Tracker:
+    """One tracking store and experiment. Thin: every call names its run explicitly."""
+
+    def __init__(self, uri: str, experiment_id: str, cfg: Config, fallback_from: str | None = None):
+        from mlflow.tracking import MlflowClient
+
+        self.uri = uri
+        self.experiment_id = experiment_id
+        self.cfg = cfg
+        self.fallback_from = fallback_from
+        self.client = MlflowClient(uri)
+
+    # -- runs ---------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def run(
+        self,
+        cfg: Config,
+        run_name: str | None = None,
+        parent_run_id: str | None = None,
+        tags: dict[str, str] | None = None,
+    ) -> Iterator[str]:
+        """Open a run with the config as params and provenance tags; close it FINISHED,
+        FAILED (exception) or KILLED (Ctrl-C) — never leave it RUNNING."""
+        import mlflow
+
+        all_tags = {**git_state(project_root()), **environment_tags(), **(tags or {})}
+        all_tags["entry_point"] = Path(sys.argv[0]).name or "python"
+        if self.fallback_from:
+            all_tags["tracking.fallback_from"] = self.fallback_from
+        run = mlflow.start_run(
+            experiment_id=self.experiment_id,
+            run_name=run_name,
+            parent_run_id=parent_run_id,
+            nested=parent_run_id is not None,
+            tags=all_tags,
+        )
+        status = "FINISHED"
+        try:
+            self.log_params(run.info.run_id, cfg)
+            yield run.info.run_id
+        except KeyboardInterrupt:
+            status = "KILLED"
+            raise
+        except BaseException:
+            status = "FAILED"
+            raise
+        finally:
+            if mlflow.active_run() and mlflow.active_run().info.run_id == run.info.run_id:
+                mlflow.end_run(status)
+            else:
+                self.client.set_terminated(run.info.run_id, status)
+
+    # -- logging ------------------------------------------------------------------------
+    def log_params(self, run_id: str, cfg: Config) -> None:
+        from mlflow.entities import Param
+
+        params = [Param(k, str(v)) for k, v in flatten(cfg).items()]
+        for i in range(0, len(params), 100):  # MLflow's per-batch limit for params
+            self.client.log_batch(run_id, params=params[i : i + 100], synchronous=True)
+
+    def set_tags(self, run_id: str, tags: dict[str, Any]) -> None:
+        from mlflow.entities import RunTag
+
+        self.client.log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+
+    def log_metrics(self, run_id: str, metrics: dict[str, float], step: int = 0) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        self._log_metric_objects(run_id, [Metric(k, float(v), now, step) for k, v in metrics.items()])
+
+    def _log_metric_objects(self, run_id: str, metrics: list) -> None:
+        for i in range(0, len(metrics), 1000):  # MLflow's per-batch limit for metrics
+            self.client.log_batch(run_id, metrics=metrics[i : i + 1000])
+
+    def log_artifacts(self, run_id: str, paths: list[Path], artifact_path: str | None = None) -> None:
+        for p in paths:
+            if p.is_dir():
+                self.client.log_artifacts(run_id, str(p), artifact_path)
+            elif p.is_file():
+                self.client.log_artifact(run_id, str(p), artifact_path)
+
+    def log_training(self, run_id: str, result: Any, cfg: Config) -> None:
+        """Per-epoch curves (step = epoch), training time, device, and the model."""
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        curves = [
+            Metric(col, float(row[col]), now, int(row["epoch"]))
+            for _, row in result.history.iterrows()
+            for col in ("loss", "accuracy", "val_loss", "val_accuracy")
+        ]
+        self._log_metric_objects(run_id, curves)
+        self.log_metrics(run_id, {"train_seconds": result.train_seconds})
+        self.set_tags(run_id, {"device": result.device})
+        if cfg.tracking.log_model:
+            self.log_model(result.model, result.predictions["test"])
+
+    def log_model(self, model, test_predictions) -> None:
+        """The model in MLflow's TensorFlow/Keras flavour, with signature and input example.
+        Requirements are pinned from the running versions: inferring them costs seconds."""
+        import mlflow
+        import numpy as np
+        from mlflow.models import infer_signature
+
+        from softmaxlab.io import prob_columns
+
+        k = sum(c.startswith("p") and c[1:].isdigit() for c in test_predictions.columns)
+        example = np.zeros((5, 2), np.float32)
+        signature = infer_signature(example, test_predictions[prob_columns(k)].to_numpy(np.float32)[:5])
+        reqs = [f"{p}=={metadata.version(p)}" for p in ("tensorflow", "keras", "numpy")]
+        mlflow.tensorflow.log_model(
+            model, name="model", signature=signature, input_example=example, pip_requirements=reqs
+        )
+
+
+def connect(cfg: Config) -> Tracker | None:
+    """The tracker for cfg, or None when tracking is off.
+
+    An http(s) server that does not answer within a few seconds is not waited on: the run
+    goes to the local default store instead (tagged `tracking.fallback_from`), so nothing
+    computed is lost; `softmaxlab sync` copies such runs to the server later.
+    """
+    if not cfg.tracking.enabled:
+        return None
+    uri = resolve_uri(cfg)
+    fallback_from = None
+    if uri.startswith(("http://", "https://")):
+        why = _reachable(uri)
+        if why:
+            fallback_from = uri
+            uri = f"sqlite:///{project_root() / 'mlflow.db'}"
+            print(
+                f"softmaxlab: warning: MLflow server {fallback_from} unreachable ({why}); "
+                f"logging to {uri} instead (sync later with `softmaxlab sync {fallback_from}`)",
+                file=sys.stderr,
+                flush=True,
+            )
+    import mlflow
+
+    mlflow.set_tracking_uri(uri)
+    try:
+        experiment_id = ensure_experiment(uri, cfg.tracking.experiment)
+    except Exception as err:
+        raise UserError(f"MLflow tracking store {uri} is not usable: {err}") from err
+    return Tracker(uri, experiment_id, cfg, fallback_from)
+
+
+def ensure_experiment(uri: str, name: str) -> str:
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name(name)
+    if exp is not None:
+        if exp.lifecycle_stage == "deleted":
+            raise UserError(
+                f"tracking.experiment={name!r} is deleted in {uri}: restore it "
+                "(`mlflow experiments restore`) or choose another name"
+            )
+        return exp.experiment_id
+    try:
+        # The tag makes `mlflow ui` treat it as a classic ML experiment (runs table).
+        return client.create_experiment(name, tags={EXPERIMENT_KIND_TAG: "custom_model_development"})
+    except Exception:
+        # Another process created it between our lookup and create.
+        exp = client.get_experiment_by_name(name)
+        if exp is None:
+            raise
+        return exp.experiment_id
+
+
+@contextlib.contextmanager
+def maybe_run(tracker: Tracker | None, cfg: Config, **kwargs) -> Iterator[str | None]:
+    if tracker is None:
+        yield None
+        return
+    with tracker.run(cfg, **kwargs) as run_id:
+        yield run_id
+
+
+def runs_table_url(experiment_id: str, host: str = "http://127.0.0.1:5000") -> str:
+    """`mlflow ui` opens on its GenAI view; this link goes straight to the runs table."""
+    return f"{host}/#/experiments/{experiment_id}/runs?workflowType=machine_learning"
+
+
+def reopen(cfg: Config, train_info: dict) -> tuple[Tracker | None, str | None]:
+    """The store and run the train stage logged to (read from its train.json), so later
+    stages add to that same run — even if it went to the fallback store."""
+    if not cfg.tracking.enabled or not train_info.get("run_id"):
+        return None, None
+    import mlflow
+
+    mlflow.set_tracking_uri(train_info["tracking_uri"])
+    tracker = Tracker(train_info["tracking_uri"], train_info["experiment_id"], cfg)
+    return tracker, train_info["run_id"]
+
+
+def main() -> None:
+    """Print where the runs are and the link to `mlflow ui`'s runs table (`make run`, `make ui`)."""
+    from softmaxlab.config import load_params
+    from softmaxlab.errors import fail
+
+    try:
+        cfg = load_params(project_root() / "params.yaml")
+        tracker = connect(cfg)
+    except UserError as err:
+        fail(str(err))
+    if tracker is None:
+        print("tracking is off (tracking.enabled: false)")
+        return
+    print(f"MLflow store: {tracker.uri}")
+    print(f"Look at the runs: `make ui`, then open {runs_table_url(tracker.experiment_id)}")
+
+
+if __name__ == "__main__":
+    main()
