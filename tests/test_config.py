@@ -93,3 +93,15 @@ def test_project_root_inside_a_dvc_experiment_copy_is_the_real_project(tmp_path)
     copy.mkdir(parents=True)
     assert project_root(copy) == tmp_path / "proj"
     assert project_root(ROOT / "src") == ROOT
+
+
+def test_integer_centers_are_accepted_and_become_floats():
+    cfg = compose_config("data.centers=[[0,0],[5,5],[10,0]]")
+    assert cfg.data.centers == [[0.0, 0.0], [5.0, 5.0], [10.0, 0.0]]
+    assert all(isinstance(v, float) for c in cfg.data.centers for v in c)
+
+
+@pytest.mark.parametrize("centers", ["[[0,0],[0,0]]", "[[0,0],[1,2,3]]", "[[0,0],[a,1]]", "[[0,0],[.nan,1]]"])
+def test_bad_centers_are_refused(centers):
+    with pytest.raises(UserError, match=r"data\.centers"):
+        compose_config(f"data.centers={centers}")

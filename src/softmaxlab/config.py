@@ -39,9 +39,9 @@ OBJECTIVES = ("test_accuracy", "test_loss", "test_ece", "test_brier", "test_ece_
 @dataclass
 class DataConfig:
     name: str = "blobs"
-    centers: list[list[float]] = field(
-        default_factory=lambda: [[15.0, 0.0], [15.0, 15.0], [0.0, 15.0], [30.0, 15.0]]
-    )
+    # list[list[float]] would be exact, but OmegaConf then refuses [[0, 0], ...] (ints in a
+    # nested typed list); validate() checks the shape and normalise() makes them floats.
+    centers: list[Any] = field(default_factory=lambda: [[15.0, 0.0], [15.0, 15.0], [0.0, 15.0], [30.0, 15.0]])
     cluster_std: float = 1.5
     n_samples: int = 1000
     n_test: int = 250
@@ -139,6 +139,7 @@ def to_config(cfg: DictConfig | dict) -> Config:
     except OmegaConfBaseException as err:
         raise UserError(f"bad config: {_one_line(err)}") from err
     validate(obj)
+    obj.data.centers = [[float(v) for v in c] for c in obj.data.centers]
     return obj
 
 
@@ -207,16 +208,17 @@ def validate(cfg: Config) -> None:
     if len(d.centers) < 2:
         raise _bad("data.centers", d.centers, "give at least 2 centers (one per class)")
     for i, c in enumerate(d.centers):
-        if len(c) != 2:
-            raise _bad(f"data.centers[{i}]", c, "each center is a point (x1, x2) of the input plane")
-    for i, c in enumerate(d.centers):
-        if not all(math.isfinite(v) for v in c):
-            raise _bad(f"data.centers[{i}]", c, "coordinates must be finite numbers")
-    if len({tuple(c) for c in d.centers}) != len(d.centers):
+        numeric = isinstance(c, list) and all(
+            isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v) for v in c
+        )
+        if not numeric or len(c) != 2:
+            raise _bad(f"data.centers[{i}]", c, "each center is a point [x1, x2] of two finite numbers")
+    if len({tuple(map(float, c)) for c in d.centers}) != len(d.centers):
         raise _bad("data.centers", d.centers, "centers must be distinct")
     _number("data.cluster_std", d.cluster_std, 0, math.inf, lo_open=True, hi_open=True)
     _number("data.n_samples", d.n_samples, 4, 50_000_000)
     _number("data.n_test", d.n_test, 1, d.n_samples - 1)
+    _number("train.validation_split", t.validation_split, 0.0, 1.0, lo_open=True, hi_open=True)
     n_train = d.n_samples - d.n_test
     n_fit = fit_size(n_train, t.validation_split)
     if n_fit < 1 or n_train - n_fit < 1:
@@ -237,7 +239,6 @@ def validate(cfg: Config) -> None:
     _number("optimizer.momentum", o.momentum, 0.0, 1.0, hi_open=True)
 
     _number("train.epochs", t.epochs, 1, 100_000)
-    _number("train.validation_split", t.validation_split, 0.0, 1.0, lo_open=True, hi_open=True)
     _number("train.batch_size", t.batch_size, 1, math.inf)
     if t.batch_size > n_fit:
         raise _bad("train.batch_size", t.batch_size, f"must be <= the {n_fit} samples trained on")

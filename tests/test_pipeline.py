@@ -1,0 +1,138 @@
+"""The four stages in-process (the Hydra path) against a real sqlite MLflow store."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+from conftest import compose_config, tiny_overrides
+
+from softmaxlab import generate, pipeline, train
+from softmaxlab.io import read_predictions
+
+CURVES = ("loss", "accuracy", "val_loss", "val_accuracy")
+
+
+def test_stages_write_every_output(trained):
+    cfg, root = trained["cfg"], trained["root"]
+    p = cfg.paths
+    for rel in [p.train_data, p.test_data, p.model, p.history, p.train_info, p.metrics, p.report]:
+        assert (root / rel).is_file(), rel
+    for name in ["val", "test", "grid"]:
+        assert (root / p.predictions / f"{name}.parquet").is_file()
+    for name in [
+        "reliability.png",
+        "classwise.png",
+        "reliability.csv",
+        "reliability_ts.csv",
+        "classwise.csv",
+    ]:
+        assert (root / p.calibration / name).is_file(), name
+    for name in ["data.png", "training_curves.png", "confusion.png", "landscape.png"]:
+        assert (root / p.figures / name).is_file(), name
+
+
+def test_metrics_json_has_the_dvc_keys_and_agrees_with_predictions(trained):
+    cfg, root = trained["cfg"], trained["root"]
+    metrics = json.loads((root / cfg.paths.metrics).read_text())
+    for key in ["accuracy", "loss", "ece", "brier", "temperature", "ece_ts", "ece_ci_low", "ece_ci_high"]:
+        assert key in metrics
+    _, probs, labels = read_predictions(root / cfg.paths.predictions / "test.parquet")
+    assert metrics["accuracy"] == pytest.approx(np.mean(probs.argmax(1) == labels), abs=1e-6)
+    assert len(labels) == cfg.data.n_test
+    assert metrics["ece_ci_low"] <= metrics["ece"] <= metrics["ece_ci_high"]
+
+
+def test_predictions_hold_probabilities_logits_and_labels(trained):
+    cfg, root = trained["cfg"], trained["root"]
+    logits, probs, labels = read_predictions(root / cfg.paths.predictions / "val.parquet")
+    k = len(cfg.data.centers)
+    assert probs.shape == logits.shape and probs.shape[1] == k
+    np.testing.assert_allclose(probs.sum(1), 1.0, atol=1e-9)
+    np.testing.assert_array_equal(probs.argmax(1), logits.argmax(1))
+    n_train = cfg.data.n_samples - cfg.data.n_test
+    assert len(labels) == n_train - int(n_train * (1 - cfg.train.validation_split))
+
+
+def test_history_has_one_row_per_epoch(trained):
+    cfg, root = trained["cfg"], trained["root"]
+    history = pd.read_csv(root / cfg.paths.history)
+    assert list(history.columns) == ["epoch", *CURVES]
+    assert history["epoch"].tolist() == list(range(1, cfg.train.epochs + 1))
+
+
+def test_mlflow_run_holds_params_curves_metrics_artifacts_model_and_provenance(trained):
+    tracker, run_id, cfg = trained["tracker"], trained["run_id"], trained["cfg"]
+    client = tracker.client
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.params["model.hidden"] == "[12, 8]"
+    assert run.data.params["optimizer.lr"] == "0.001"
+    for key in ["test_accuracy", "test_loss", "test_ece", "test_brier", "temperature", "test_ece_ts",
+                "test_ece_ci_low", "test_nll_ts_ci_high", "test_ece_adaptive", "test_ece_classwise"]:  # fmt: skip
+        assert key in run.data.metrics, key
+    for curve in CURVES:
+        steps = [m.step for m in client.get_metric_history(run_id, curve)]
+        assert steps == list(range(1, cfg.train.epochs + 1)), curve
+    tags = run.data.tags
+    assert tags["device"] == "CPU"
+    assert len(tags["data_md5"]) == 32
+    assert "git_commit" in tags and "versions.tensorflow" in tags
+    artifacts = {a.path for a in client.list_artifacts(run_id)}
+    assert {"calibration", "figures", "report.html"} <= artifacts
+    figures = {a.path.split("/")[-1] for a in client.list_artifacts(run_id, "figures")}
+    assert {"landscape.png", "confusion.png", "training_curves.png", "data.png"} <= figures
+
+
+def test_logged_model_loads_and_predicts_the_saved_probabilities(trained):
+    import mlflow
+
+    tracker, run_id, cfg, root = trained["tracker"], trained["run_id"], trained["cfg"], trained["root"]
+    models = mlflow.search_logged_models(
+        experiment_ids=[tracker.experiment_id],
+        filter_string=f"source_run_id = '{run_id}'",
+        output_format="list",
+    )
+    assert len(models) == 1
+    info = mlflow.models.get_model_info(models[0].model_uri)
+    assert info.signature is not None and info.saved_input_example_info is not None
+    test = pd.read_parquet(root / cfg.paths.test_data)
+    loaded = mlflow.pyfunc.load_model(models[0].model_uri)
+    out = np.asarray(loaded.predict(test[["x1", "x2"]].to_numpy(np.float32)))
+    _, probs, _ = read_predictions(root / cfg.paths.predictions / "test.parquet")
+    np.testing.assert_allclose(out, probs, atol=1e-5)
+
+
+def test_same_config_gives_bit_identical_data():
+    cfg = compose_config(*tiny_overrides())
+    a_train, a_test = generate.generate(cfg.data, cfg.seed)
+    b_train, b_test = generate.generate(cfg.data, cfg.seed)
+    pd.testing.assert_frame_equal(a_train, b_train, check_exact=True)
+    c_train, _ = generate.generate(cfg.data, cfg.seed + 1)
+    assert not c_train.equals(a_train)
+
+
+def test_same_config_gives_identical_training_on_cpu():
+    cfg = compose_config(*tiny_overrides())
+    train_df, test_df = pipeline.data_for(cfg.data, cfg.seed)
+    a = train.train(cfg, train_df, test_df)
+    b = train.train(cfg, train_df, test_df)
+    pd.testing.assert_frame_equal(a.history, b.history, check_exact=True)
+    pd.testing.assert_frame_equal(a.predictions["test"], b.predictions["test"], check_exact=True)
+
+
+def test_seed_config_reaches_the_tutorials_accuracy_with_its_own_training_loop():
+    """The tutorial's exact defaults (30 epochs, batch 5, Adam 1e-3) through our loop."""
+    cfg = compose_config()
+    train_df, test_df = pipeline.data_for(cfg.data, cfg.seed)
+    result = train.train(cfg, train_df, test_df)
+    _, probs, labels = read_predictions_frame(result.predictions["test"])
+    assert np.mean(probs.argmax(1) == labels) >= 0.99
+    assert len(result.history) == 30
+
+
+def read_predictions_frame(df):
+    k = sum(c.startswith("p") and c[1:].isdigit() for c in df.columns)
+    return None, df[[f"p{j}" for j in range(k)]].to_numpy(), df["label"].to_numpy()
