@@ -126,6 +126,11 @@ def search_children(tracker, sid: str) -> pd.DataFrame:
 def summary_table(children: pd.DataFrame) -> pd.DataFrame:
     cols = {src: dst for src, dst in SUMMARY_COLUMNS.items() if src in children.columns}
     table = children[list(cols)].rename(columns=cols)
+    if "overrides" in table and len(table) > 1:
+        # Show what varies between jobs, not the settings every job shares.
+        tokens = table["overrides"].fillna("").str.split()
+        common = set.intersection(*(set(t) for t in tokens))
+        table["overrides"] = [" ".join(x for x in t if x not in common) for t in tokens]
     if "job" in table:
         table["job"] = table["job"].astype(int)
         table = table.sort_values("job")
