@@ -299,7 +299,7 @@ def test_import_is_light():
         ([["a", "b"]], [0], "numeric"),
         ([[0.5, 0.5], [np.nan, 0.5]], [0, 1], "nan at row 1, column 0"),
         ([[0.5, 0.5], [0.5, -np.inf]], [0, 1], "-inf at row 1, column 1"),
-        ([[1.2, -0.2]], [0], r"\[0, 1\]; got 1.2 at row 0, column 0"),
+        ([[1.2, -0.2]], [0], r"probability 1.2 at row 0, column 0 not in \[0, 1\]"),
         ([[0.5, 0.5], [0.6, 0.6], [0.5, 0.45]], [0, 1, 0], "row 1 sums to 1.2"),
         ([[0.5, 0.5], [0.5, 0.5]], [0, 0.5], "got 0.5 at index 1"),
         ([[0.5, 0.5], [0.5, 0.5]], [0, np.nan], "got nan at index 1"),

@@ -69,7 +69,7 @@ def check_inputs(probs, labels, atol: float = 1e-3) -> tuple[np.ndarray, np.ndar
     bad = (p < 0) | (p > 1)
     if bad.any():
         i, j = np.argwhere(bad)[0]
-        raise CalibrationInputError(f"probabilities must lie in [0, 1]; got {p[i, j]} at row {i}, column {j}")
+        raise CalibrationInputError(f"probability {p[i, j]} at row {i}, column {j} not in [0, 1]")
     sums = p.sum(axis=1)
     worst = int(np.argmax(np.abs(sums - 1)))
     if abs(sums[worst] - 1) > atol:
@@ -258,7 +258,10 @@ def bootstrap_ci(
 
 
 # -- temperature scaling -------------------------------------------------------------------
-def fit_temperature(logits, labels, bounds: tuple[float, float] = (0.05, 20.0)) -> float:
+TEMPERATURE_BOUNDS = (0.05, 20.0)
+
+
+def fit_temperature(logits, labels, bounds: tuple[float, float] = TEMPERATURE_BOUNDS) -> float:
     """Temperature scaling (Guo et al. 2017): the T in bounds minimising the mean NLL of
     softmax(logits / T). Searched over log T, where the loss is better conditioned."""
     from scipy.optimize import minimize_scalar  # scipy.optimize is slow to import
@@ -272,6 +275,10 @@ def fit_temperature(logits, labels, bounds: tuple[float, float] = (0.05, 20.0)) 
 
     res = minimize_scalar(loss, bounds=np.log(bounds), method="bounded", options={"xatol": 1e-6})
     return float(np.exp(res.x))
+
+
+def at_bound(temperature: float, bounds: tuple[float, float] = TEMPERATURE_BOUNDS) -> bool:
+    return temperature <= bounds[0] * 1.001 or temperature >= bounds[1] * 0.999
 
 
 def summarize(

@@ -55,6 +55,7 @@ def evaluate(val: Split, test: Split, cfg: EvaluateConfig, seed: int) -> EvalRes
     metrics = {**before, "test_loss": before["test_nll"]}
     metrics.update({_scaled_name(k): v for k, v in after.items()})
     metrics["temperature"] = float(temperature)
+    metrics["temperature_at_bound"] = float(calibration.at_bound(temperature))
     val_probs = calibration.softmax(val_logits)
     metrics["val_ece"] = calibration.ece(val_probs, val_labels, cfg.n_bins)
     metrics["val_nll"] = calibration.nll(val_probs, val_labels)

@@ -20,7 +20,7 @@ from softmaxlab.io import read_predictions, read_split, save_figure, write_text
 
 METRIC_ROWS = [
     ("accuracy", "accuracy", "higher is better"),
-    ("loss", "loss (NLL)", "categorical cross-entropy, lower is better"),
+    ("nll", "loss (NLL)", "categorical cross-entropy, lower is better"),
     ("brier", "Brier score", "sum over classes of squared error, in [0, 2]"),
     ("ece", "ECE", "top-label, equal-width bins"),
     ("ece_adaptive", "adaptive ECE", "equal-mass bins"),
@@ -77,6 +77,17 @@ def _metrics_table(m: dict[str, float], ci: float) -> str:
     )
 
 
+def _temperature_warning(m: dict[str, float]) -> str:
+    if not m.get("temperature_at_bound"):
+        return ""
+    return (
+        f'<p class="warn"><strong>Temperature at its bound (T = {m["temperature"]:.3f}).</strong> '
+        "The validation split is classified perfectly, so its NLL keeps falling as T moves to the "
+        "bound: the fit is degenerate and the after-scaling column says little. Calibration is "
+        "worth studying where classes overlap, e.g. <code>data=overlap</code>.</p>"
+    )
+
+
 def render(cfg: Config, metrics: dict[str, float], info: dict, images: list[tuple[Path, str]]) -> str:
     import yaml
 
@@ -89,7 +100,9 @@ def render(cfg: Config, metrics: dict[str, float], info: dict, images: list[tupl
         f"MLflow run <code>{html.escape(str(run))}</code> · device {html.escape(str(info.get('device')))} · "
         f"training {info.get('train_seconds', 0):.2f} s · data md5 <code>{html.escape(str(info.get('data_md5')))}</code>"
     )
-    config_yaml = html.escape(yaml.safe_dump(as_dict(cfg), sort_keys=False, default_flow_style=None))
+    # What shapes the results; paths and tracking do not (and are not report params in dvc.yaml).
+    shown = {k: v for k, v in as_dict(cfg).items() if k not in ("paths", "tracking")}
+    config_yaml = html.escape(yaml.safe_dump(shown, sort_keys=False, default_flow_style=None, width=100))
     figures = "\n".join(_img(p, alt) for p, alt in images)
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8">
@@ -98,7 +111,7 @@ def render(cfg: Config, metrics: dict[str, float], info: dict, images: list[tupl
 body {{ font-family: system-ui, sans-serif; max-width: 1100px; margin: 2em auto; padding: 0 1em; color: #222; }}
 h1 {{ font-size: 1.5em; margin-bottom: .2em; }} .key {{ font-size: 1.15em; color: #333; }}
 table {{ border-collapse: collapse; margin: 1em 0; }} th, td {{ padding: .3em .8em; border-bottom: 1px solid #ddd; text-align: left; }}
-.ci {{ color: #777; font-size: .9em; }} .note {{ color: #777; font-size: .85em; }}
+.ci {{ color: #777; font-size: .9em; }} .warn {{ background: #fff4e5; border-left: 4px solid #f0a030; padding: .6em 1em; }} .note {{ color: #777; font-size: .85em; }}
 figure {{ display: inline-block; margin: .5em; vertical-align: top; }} img {{ max-width: 100%; border: 1px solid #eee; }}
 figcaption {{ color: #555; font-size: .9em; }} pre {{ background: #f6f8fa; padding: 1em; overflow: auto; }}
 </style></head><body>
@@ -110,6 +123,7 @@ figcaption {{ color: #555; font-size: .9em; }} pre {{ background: #f6f8fa; paddi
 <p class="note">Temperature T is fitted on the validation split by minimising NLL; T &gt; 1 means the
 raw model was over-confident. Intervals: {cfg.evaluate.n_bootstrap} bootstrap resamples of the
 {cfg.data.n_test} test samples.</p>
+{_temperature_warning(metrics)}
 <h2>Figures</h2>
 {figures}
 <h2>Configuration</h2>
