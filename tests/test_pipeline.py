@@ -136,3 +136,14 @@ def test_seed_config_reaches_the_tutorials_accuracy_with_its_own_training_loop()
 def read_predictions_frame(df):
     k = sum(c.startswith("p") and c[1:].isdigit() for c in df.columns)
     return None, df[[f"p{j}" for j in range(k)]].to_numpy(), df["label"].to_numpy()
+
+
+def test_a_sweep_generates_each_data_set_once():
+    # A seed no other test uses, so the cache starts without it whatever ran before.
+    cfg = compose_config(*tiny_overrides("seed=987654"))
+    before = len(pipeline._DATA_CACHE)
+    first = pipeline.data_for(cfg.data, cfg.seed)
+    again = pipeline.data_for(cfg.data, cfg.seed)
+    assert again[0] is first[0] and len(pipeline._DATA_CACHE) == before + 1
+    other = compose_config(*tiny_overrides("seed=987654", "data.cluster_std=2.0"))
+    assert pipeline.data_for(other.data, other.seed)[0] is not first[0]

@@ -67,18 +67,6 @@ def test_in_process_multirun_logs_children_under_one_parent_with_summary(project
     pd.testing.assert_frame_equal(pd.read_csv(project / "rebuilt" / "summary.csv"), summary)
 
 
-def test_data_is_generated_once_per_data_config_in_a_sweep(project):
-    from softmaxlab import pipeline
-
-    before = len(pipeline._DATA_CACHE)
-    from conftest import compose_config
-
-    cfg = compose_config(*tiny_overrides())
-    a = pipeline.data_for(cfg.data, cfg.seed)
-    b = pipeline.data_for(cfg.data, cfg.seed)
-    assert a[0] is b[0] and len(pipeline._DATA_CACHE) == before + 1
-
-
 def test_parallel_joblib_sweep_loses_no_runs(tmp_path):
     project = make_project(tmp_path / "proj")
     sweep(project, "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "model=seed,tiny", "seed=0,1")

@@ -2,17 +2,74 @@
 
 One composed config runs the four stages in-process into Hydra's run directory and logs one
 MLflow run; `-m` sweeps, one child run per job under a parent run for the sweep.
-`softmaxlab summarize SWEEP_ID` rebuilds a past sweep's summary.
+`softmaxlab summarize SWEEP_ID` rebuilds a past sweep's summary; `softmaxlab sync` copies
+runs that fell back to the local store to the tracking server.
 """
 
 from __future__ import annotations
 
+import io
 import sys
 from pathlib import Path
 
-from softmaxlab.errors import EXIT_USER_ERROR, UserError, debug, fail
+from softmaxlab.errors import UserError, debug, fail
 
 _state = {"entered": False}
+
+
+class _HeldStderr(io.TextIOBase):
+    """stderr held back while Hydra composes: a compose error is then reported as one line
+    instead of Hydra's multi-line block. Released (and passed through) once a job starts."""
+
+    def __init__(self, real):
+        self.real, self.held, self.released = real, [], False
+
+    def write(self, s: str) -> int:
+        if self.released:
+            return self.real.write(s)
+        self.held.append(s)
+        return len(s)
+
+    def flush(self) -> None:
+        if self.released:
+            self.real.flush()
+
+    def fileno(self) -> int:
+        return self.real.fileno()
+
+    def isatty(self) -> bool:
+        return self.real.isatty()
+
+    def release(self) -> None:
+        if not self.released:
+            self.released = True
+            self.real.write("".join(self.held))
+            self.held = []
+
+    def text(self) -> str:
+        return "".join(self.held)
+
+    def discard(self) -> None:
+        self.held, self.released = [], True
+
+
+def one_line(hydra_error: str) -> str:
+    """Fold Hydra's compose error (message, OmegaConf details, available options, search
+    path) into one line that keeps the key, the value and what is allowed."""
+    keep, options, head = [], [], ""
+    for line in hydra_error.splitlines():
+        s = line.strip()
+        skip = ("Set the environment variable", "reference_type", "object_type", "To append to your config")
+        if not s or s.startswith(skip):
+            continue
+        if s.startswith("Config search path"):
+            break
+        if s.startswith("Available options"):
+            head = s.rstrip(":").lower()
+            continue
+        (options if head else keep).append(s.rstrip("."))
+    msg = "; ".join(keep) or "bad command line"
+    return msg + (f" ({head}: {', '.join(options)})" if options else "")
 
 
 def _config_dir() -> str:
@@ -33,6 +90,8 @@ def job(dcfg) -> float:
     from softmaxlab.config import to_config
 
     _state["entered"] = True
+    if isinstance(sys.stderr, _HeldStderr):
+        sys.stderr.release()
     hc = HydraConfig.get()
     multirun = hc.mode == RunMode.MULTIRUN
     try:
@@ -73,18 +132,25 @@ def _hydra_main() -> None:
 
     register_configs()
     app = hydra.main(version_base=None, config_path=_config_dir(), config_name="config")(job)
+    real_stderr = sys.stderr
+    held = sys.stderr = _HeldStderr(real_stderr)
     try:
         app()
     except SystemExit as exc:
-        # Hydra reports a bad override (unknown group option, wrong type) itself, without a
-        # traceback, and exits 1 before any job starts: that is a user error.
-        if exc.code == 1 and not _state["entered"]:
-            sys.exit(EXIT_USER_ERROR)
+        # Hydra reports a bad override (unknown group option, wrong type, unknown key) and
+        # exits 1 before any job starts: a user error, said in one line.
+        if exc.code == 1 and not _state["entered"] and not debug():
+            sys.stderr = real_stderr
+            message = one_line(held.text())
+            held.discard()
+            fail(message)
         raise
     except KeyboardInterrupt:
         print("softmaxlab: interrupted", file=sys.stderr)
         sys.exit(130)
     finally:
+        held.release()
+        sys.stderr = real_stderr
         sweep.close_parent()
     if sweep.failed_jobs():
         sys.exit(1)
@@ -92,11 +158,11 @@ def _hydra_main() -> None:
 
 def cli() -> None:
     args = sys.argv[1:]
-    if args and args[0] == "summarize":
-        from softmaxlab import sweep
+    if args and args[0] in ("summarize", "sync"):
+        from softmaxlab import sweep, sync
 
         try:
-            sweep.summarize_cli(args[1:])
+            (sweep.summarize_cli if args[0] == "summarize" else sync.sync_cli)(args[1:])
         except UserError as err:
             fail(str(err))
         return

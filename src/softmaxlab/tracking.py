@@ -27,6 +27,32 @@ REACHABLE_TIMEOUT_S = 5.0
 VERSIONED_PACKAGES = ("softmaxlab", "tensorflow", "keras", "numpy", "scikit-learn", "mlflow", "dvc")
 
 
+def redact(uri: str) -> str:
+    """The URI without user:password@, for anything written to disk or logged."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    parts = urlsplit(uri)
+    if parts.username or parts.password:
+        host = parts.hostname or ""
+        netloc = f"***@{host}" + (f":{parts.port}" if parts.port else "")
+        return urlunsplit(parts._replace(netloc=netloc))
+    return uri
+
+
+def retry_locked(fn, *args, attempts: int = 12, **kwargs):
+    """Call fn, retrying while sqlite says "database is locked": parallel sweep jobs share
+    one sqlite file, and a write can collide with another job's for a moment."""
+    delay = 0.05
+    for attempt in range(attempts):
+        try:
+            return fn(*args, **kwargs)
+        except Exception as err:
+            if "database is locked" not in str(err) or attempt == attempts - 1:
+                raise
+            time.sleep(delay)
+            delay = min(delay * 2, 2.0)
+
+
 def resolve_uri(cfg: Config) -> str:
     """cfg.tracking.uri, else $MLFLOW_TRACKING_URI, else MLflow's own default store,
     sqlite:///mlflow.db, anchored at the project root so that runs started from Hydra's
@@ -104,8 +130,9 @@ class Tracker:
         all_tags = {**git_state(project_root()), **environment_tags(), **(tags or {})}
         all_tags["entry_point"] = Path(sys.argv[0]).name or "python"
         if self.fallback_from:
-            all_tags["tracking.fallback_from"] = self.fallback_from
-        run = mlflow.start_run(
+            all_tags["tracking.fallback_from"] = redact(self.fallback_from)
+        run = retry_locked(
+            mlflow.start_run,
             experiment_id=self.experiment_id,
             run_name=run_name,
             parent_run_id=parent_run_id,
@@ -124,9 +151,9 @@ class Tracker:
             raise
         finally:
             if mlflow.active_run() and mlflow.active_run().info.run_id == run.info.run_id:
-                mlflow.end_run(status)
+                retry_locked(mlflow.end_run, status)
             else:
-                self.client.set_terminated(run.info.run_id, status)
+                retry_locked(self.client.set_terminated, run.info.run_id, status)
 
     # -- logging ------------------------------------------------------------------------
     def log_params(self, run_id: str, cfg: Config) -> None:
@@ -134,12 +161,12 @@ class Tracker:
 
         params = [Param(k, str(v)) for k, v in flatten(cfg).items()]
         for i in range(0, len(params), 100):  # MLflow's per-batch limit for params
-            self.client.log_batch(run_id, params=params[i : i + 100], synchronous=True)
+            retry_locked(self.client.log_batch, run_id, params=params[i : i + 100])
 
     def set_tags(self, run_id: str, tags: dict[str, Any]) -> None:
         from mlflow.entities import RunTag
 
-        self.client.log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+        retry_locked(self.client.log_batch, run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
 
     def log_metrics(self, run_id: str, metrics: dict[str, float], step: int = 0) -> None:
         from mlflow.entities import Metric
@@ -149,7 +176,7 @@ class Tracker:
 
     def _log_metric_objects(self, run_id: str, metrics: list) -> None:
         for i in range(0, len(metrics), 1000):  # MLflow's per-batch limit for metrics
-            self.client.log_batch(run_id, metrics=metrics[i : i + 1000])
+            retry_locked(self.client.log_batch, run_id, metrics=metrics[i : i + 1000])
 
     def log_artifacts(self, run_id: str, paths: list[Path], artifact_path: str | None = None) -> None:
         for p in paths:
@@ -187,9 +214,10 @@ class Tracker:
         example = np.zeros((5, 2), np.float32)
         signature = infer_signature(example, test_predictions[prob_columns(k)].to_numpy(np.float32)[:5])
         reqs = [f"{p}=={metadata.version(p)}" for p in ("tensorflow", "keras", "numpy")]
-        mlflow.tensorflow.log_model(
-            model, name="model", signature=signature, input_example=example, pip_requirements=reqs
-        )
+        retry_locked(
+            mlflow.tensorflow.log_model,
+            model, name="model", signature=signature, input_example=example, pip_requirements=reqs,
+        )  # fmt: skip
 
 
 def connect(cfg: Config) -> Tracker | None:
@@ -209,8 +237,8 @@ def connect(cfg: Config) -> Tracker | None:
             fallback_from = uri
             uri = f"sqlite:///{project_root() / 'mlflow.db'}"
             print(
-                f"softmaxlab: warning: MLflow server {fallback_from} unreachable ({why}); "
-                f"logging to {uri} instead (sync later with `softmaxlab sync {fallback_from}`)",
+                f"softmaxlab: warning: MLflow server {redact(fallback_from)} unreachable ({why}); "
+                f"logging to {uri} instead (copy the runs there later: `softmaxlab sync`)",
                 file=sys.stderr,
                 flush=True,
             )
@@ -218,9 +246,12 @@ def connect(cfg: Config) -> Tracker | None:
 
     mlflow.set_tracking_uri(uri)
     try:
-        experiment_id = ensure_experiment(uri, cfg.tracking.experiment)
+        experiment_id = retry_locked(ensure_experiment, uri, cfg.tracking.experiment)
+    except UserError:
+        raise
     except Exception as err:
-        raise UserError(f"MLflow tracking store {uri} is not usable: {err}") from err
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise UserError(f"MLflow tracking store {redact(uri)} is not usable: {first}") from err
     return Tracker(uri, experiment_id, cfg, fallback_from)
 
 
@@ -268,9 +299,12 @@ def reopen(cfg: Config, train_info: dict) -> tuple[Tracker | None, str | None]:
         return None, None
     import mlflow
 
-    mlflow.set_tracking_uri(train_info["tracking_uri"])
-    tracker = Tracker(train_info["tracking_uri"], train_info["experiment_id"], cfg)
-    return tracker, train_info["run_id"]
+    uri = train_info["tracking_uri"]
+    configured = resolve_uri(cfg)
+    if redact(configured) == uri:  # train.json holds the redacted form; credentials come from the env
+        uri = configured
+    mlflow.set_tracking_uri(uri)
+    return Tracker(uri, train_info["experiment_id"], cfg), train_info["run_id"]
 
 
 def main() -> None:

@@ -32,6 +32,7 @@ from softmaxlab.io import (
     write_json,
     write_table,
 )
+from softmaxlab.tracking import redact
 
 HISTORY_COLUMNS = ["epoch", "loss", "accuracy", "val_loss", "val_accuracy"]
 
@@ -250,13 +251,36 @@ def save(cfg: Config, result: TrainResult, root: Path) -> None:
     write_table(root / cfg.paths.history, result.history)
 
 
-def run(cfg: Config, root: Path, tracker=None, run_id: str | None = None) -> TrainResult:
-    """Read the data under `root`, train, write the model, predictions and history; log to
-    the tracker's run. Shared by `dvc repro` and the Hydra app."""
+def load_data(cfg: Config, root: Path) -> tuple[pd.DataFrame, pd.DataFrame, str]:
+    """The validated train and test splits under `root`, and their md5."""
     k = len(cfg.data.centers)
     train_path, test_path = root / cfg.paths.train_data, root / cfg.paths.test_data
     train_df, test_df = read_split(train_path, k), read_split(test_path, k)
-    data_md5 = file_md5(train_path, test_path)
+    n_fit = fit_size(len(train_df), cfg.train.validation_split)
+    if n_fit < 1 or n_fit == len(train_df):
+        raise UserError(
+            f"{train_path}: {len(train_df)} rows cannot be split by train.validation_split="
+            f"{cfg.train.validation_split} into non-empty training and validation parts"
+        )
+    if cfg.train.batch_size > n_fit:
+        raise UserError(
+            f"train.batch_size={cfg.train.batch_size} is not allowed: must be <= the {n_fit} samples trained on"
+        )
+    return train_df, test_df, file_md5(train_path, test_path)
+
+
+def load_model(path: str | os.PathLike):
+    """Load a saved model in Keras safe mode: a .keras file that carries code (a Lambda
+    layer's pickled function) is refused rather than executed."""
+    import keras
+
+    return keras.saving.load_model(path, safe_mode=True)
+
+
+def run(cfg: Config, root: Path, tracker=None, run_id: str | None = None, data=None) -> TrainResult:
+    """Read the data under `root` (or take `data` from load_data), train, write the model,
+    predictions and history; log to the tracker's run. Shared by `dvc repro` and the Hydra app."""
+    train_df, test_df, data_md5 = data or load_data(cfg, root)
     if tracker:
         tracker.set_tags(run_id, {"data_md5": data_md5, "data.name": cfg.data.name})
     result = train(cfg, train_df, test_df)
@@ -265,7 +289,7 @@ def run(cfg: Config, root: Path, tracker=None, run_id: str | None = None) -> Tra
     result.info = {
         "run_id": run_id,
         "experiment_id": tracker.experiment_id if tracker else None,
-        "tracking_uri": tracker.uri if tracker else None,
+        "tracking_uri": redact(tracker.uri) if tracker else None,
         "device": result.device,
         "train_seconds": round(result.train_seconds, 4),
         "epochs": int(last["epoch"]),
@@ -284,9 +308,10 @@ def main() -> None:
     from softmaxlab import tracking
 
     cfg = load_params()
+    data = load_data(cfg, Path("."))  # bad data is refused before any MLflow run exists
     tracker = tracking.connect(cfg)
     with tracking.maybe_run(tracker, cfg) as run_id:
-        result = run(cfg, Path("."), tracker, run_id)
+        result = run(cfg, Path("."), tracker, run_id, data)
     last = result.history.iloc[-1]
     print(
         f"train: {len(result.history)} epochs in {result.train_seconds:.2f} s on {result.device}; "

@@ -1,0 +1,105 @@
+"""`softmaxlab sync [URI]`: copy runs that fell back to the local store to the team server.
+
+When the configured tracking server is unreachable, runs go to the local default store,
+tagged `tracking.fallback_from` (see tracking.connect). Once the server is back, this copies
+each such run — params, tags, every metric's full history, artifacts and the logged model's
+files — into the same experiment there, and tags the local run `tracking.synced_to` so a second
+sync copies nothing twice.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import tempfile
+
+from softmaxlab.errors import UserError
+
+SYNCED_TAG = "tracking.synced_to"
+FALLBACK_TAG = "tracking.fallback_from"
+
+
+def _copy_run(src, dst, run, experiment_id: str) -> str:
+    from mlflow.entities import Metric, Param
+
+    skip = {FALLBACK_TAG, SYNCED_TAG, "mlflow.runName"}
+    tags = {k: v for k, v in run.data.tags.items() if k not in skip}
+    tags["tracking.synced_from_run"] = run.info.run_id
+    new = dst.create_run(experiment_id, start_time=run.info.start_time, tags=tags, run_name=run.info.run_name)
+    rid = new.info.run_id
+    params = [Param(k, v) for k, v in run.data.params.items()]
+    metrics = [
+        Metric(m.key, m.value, m.timestamp, m.step)
+        for key in run.data.metrics
+        for m in src.get_metric_history(run.info.run_id, key)
+    ]
+    for i in range(0, len(params), 100):
+        dst.log_batch(rid, params=params[i : i + 100])
+    for i in range(0, len(metrics), 1000):
+        dst.log_batch(rid, metrics=metrics[i : i + 1000])
+    with tempfile.TemporaryDirectory() as tmp:
+        if src.list_artifacts(run.info.run_id):
+            local = src.download_artifacts(run.info.run_id, "", tmp)
+            dst.log_artifacts(rid, local)
+        # MLflow 3 keeps logged models beside the run, not under its artifacts: copy their files.
+        import mlflow
+
+        for model in mlflow.search_logged_models(
+            experiment_ids=[run.info.experiment_id],
+            filter_string=f"source_run_id = '{run.info.run_id}'",
+            output_format="list",
+        ):
+            files = mlflow.artifacts.download_artifacts(model.model_uri, dst_path=os.path.join(tmp, "m"))
+            dst.log_artifacts(rid, files, model.name)
+    dst.set_terminated(rid, run.info.status, end_time=run.info.end_time)
+    return rid
+
+
+def sync(target_uri: str, local_uri: str) -> list[tuple[str, str]]:
+    """Copy every not-yet-synced fallback run for target_uri; returns (local, remote) ids."""
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    from softmaxlab.tracking import _reachable, ensure_experiment, redact
+
+    why = _reachable(target_uri) if target_uri.startswith(("http://", "https://")) else None
+    if why:
+        raise UserError(f"MLflow server {redact(target_uri)} is still unreachable ({why}); try again later")
+    src, dst = MlflowClient(local_uri), MlflowClient(target_uri)
+    copied = []
+    for exp in src.search_experiments():
+        runs = src.search_runs(
+            [exp.experiment_id],
+            filter_string=f"tags.`{FALLBACK_TAG}` = '{redact(target_uri)}'",
+            max_results=50_000,
+        )
+        pending = [r for r in runs if SYNCED_TAG not in r.data.tags]
+        if not pending:
+            continue
+        mlflow.set_tracking_uri(local_uri)  # model lookups below read the local store
+        remote_exp = ensure_experiment(target_uri, exp.name)
+        for run in pending:
+            rid = _copy_run(src, dst, run, remote_exp)
+            src.set_tag(run.info.run_id, SYNCED_TAG, rid)
+            copied.append((run.info.run_id, rid))
+    return copied
+
+
+def sync_cli(args: list[str]) -> None:
+    """softmaxlab sync [URI]: URI defaults to tracking.uri / $MLFLOW_TRACKING_URI."""
+    from softmaxlab.config import load_params, project_root
+    from softmaxlab.tracking import redact, resolve_uri
+
+    if len(args) > 1:
+        raise UserError("usage: softmaxlab sync [TRACKING_SERVER_URI]")
+    cfg = load_params(project_root() / "params.yaml")
+    target = args[0] if args else resolve_uri(cfg)
+    if not target.startswith(("http://", "https://")):
+        raise UserError(
+            f"sync target {redact(target)!r} is not an http(s) MLflow server; pass one or set MLFLOW_TRACKING_URI"
+        )
+    local = f"sqlite:///{project_root() / 'mlflow.db'}"
+    copied = sync(target, local)
+    for local_id, remote_id in copied:
+        print(f"synced run {local_id} -> {redact(target)} run {remote_id}")
+    print(f"sync: {len(copied)} run(s) copied to {redact(target)}", file=sys.stderr)

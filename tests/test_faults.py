@@ -1,0 +1,413 @@
+"""Bad input and faults: a clear one-line error, a non-zero exit, no traceback, no run left
+RUNNING, and the previous outputs intact — through the commands users actually type."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from conftest import env_with_venv, make_project, run_cmd, tiny_overrides
+
+pytestmark = pytest.mark.slow
+
+OUTPUT_DIRS = ["data", "models", "predictions", "reports"]
+
+
+@pytest.fixture(scope="module")
+def good_project(tmp_path_factory):
+    """A project whose pipeline has run once: the outputs every failure must leave intact."""
+    project = make_project(tmp_path_factory.mktemp("good") / "proj", *tiny_overrides())
+    run_cmd(["dvc", "repro"], project)
+    run_cmd(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qam", "outputs"], project)
+    return project
+
+
+def snapshot(project: Path, exclude: set[str] = frozenset()) -> dict[str, str]:
+    files = {}
+    for d in OUTPUT_DIRS:
+        for p in sorted((project / d).rglob("*")):
+            rel = str(p.relative_to(project))
+            if p.is_file() and rel not in exclude:
+                files[rel] = hashlib.md5(p.read_bytes()).hexdigest()
+    return files
+
+
+def run_statuses(project: Path) -> list[str]:
+    import mlflow
+
+    client = mlflow.tracking.MlflowClient(f"sqlite:///{project / 'mlflow.db'}")
+    return [r.info.status for e in client.search_experiments() for r in client.search_runs([e.experiment_id])]
+
+
+def edit_params(key_path: str, value: str):
+    """Set one key of params.yaml to a raw YAML value, as a person editing it would."""
+
+    def apply(project: Path):
+        import yaml
+
+        params = yaml.safe_load((project / "params.yaml").read_text())
+        *parents, leaf = key_path.split(".")
+        node = params
+        for k in parents:
+            node = node[k]
+        node[leaf] = yaml.safe_load(value)
+        (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+
+    return apply
+
+
+def write_params(text: str):
+    def apply(project: Path):
+        (project / "params.yaml").write_text(text)
+
+    return apply
+
+
+def edit_split(fn):
+    def apply(project: Path):
+        path = project / "data" / "train.parquet"
+        fn(path)
+
+    return apply
+
+
+def _frame(path: Path) -> pd.DataFrame:
+    return pd.read_parquet(path)
+
+
+def truncate(path: Path):
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+def garbage(path: Path):
+    path.write_text("x1,x2,label\n1,2,0\n")
+
+
+def drop_column(path: Path):
+    _frame(path).drop(columns=["x2"]).to_parquet(path, index=False)
+
+
+def nan_value(path: Path):
+    df = _frame(path)
+    df.loc[3, "x1"] = float("nan")
+    df.to_parquet(path, index=False)
+
+
+def inf_value(path: Path):
+    df = _frame(path)
+    df.loc[5, "x2"] = float("inf")
+    df.to_parquet(path, index=False)
+
+
+def bad_label(path: Path):
+    df = _frame(path)
+    df.loc[7, "label"] = 9
+    df.to_parquet(path, index=False)
+
+
+def empty_split(path: Path):
+    _frame(path).iloc[:0].to_parquet(path, index=False)
+
+
+def string_feature(path: Path):
+    df = _frame(path)
+    df["x1"] = df["x1"].astype(str)
+    df.to_parquet(path, index=False)
+
+
+def float_labels(path: Path):
+    df = _frame(path)
+    df["label"] = df["label"].astype(float) + 0.5
+    df.to_parquet(path, index=False)
+
+
+def tiny_split(path: Path):
+    _frame(path).iloc[:1].to_parquet(path, index=False)
+
+
+def delete(path: Path):
+    path.unlink()
+
+
+@dataclass
+class Case:
+    id: str
+    setup: object
+    cmd: list[str]
+    needles: list[str]
+    env: dict[str, str] = field(default_factory=dict)
+    exit_code: int | None = 2  # None: any non-zero (the command is DVC's, not ours)
+    changed: set[str] = field(default_factory=set)  # outputs the setup itself altered
+
+
+DVC = ["dvc", "repro"]
+TRAIN = [sys.executable, "-m", "softmaxlab.train"]
+APP = [sys.executable, "-m", "softmaxlab", "hydra.run.dir=hydra_out"]
+SPLIT = {"data/train.parquet"}
+
+CASES = [
+    # params.yaml edited by hand, then `dvc repro`
+    Case(
+        "activation",
+        edit_params("model.activation", "relux"),
+        DVC,
+        ["model.activation='relux'", "relu"],
+        exit_code=None,
+    ),
+    Case(
+        "lr-negative",
+        edit_params("optimizer.lr", "-0.1"),
+        DVC,
+        ["optimizer.lr=-0.1", "must be in"],
+        exit_code=None,
+    ),
+    Case("lr-zero", edit_params("optimizer.lr", "0"), DVC, ["optimizer.lr=0.0"], exit_code=None),
+    Case(
+        "optimizer",
+        edit_params("optimizer.name", "adamw"),
+        DVC,
+        ["optimizer.name='adamw'", "sgd"],
+        exit_code=None,
+    ),
+    Case("batch-zero", edit_params("train.batch_size", "0"), DVC, ["train.batch_size=0"], exit_code=None),
+    Case(
+        "batch-too-big",
+        edit_params("train.batch_size", "100000"),
+        DVC,
+        ["train.batch_size=100000", "samples trained on"],
+        exit_code=None,
+    ),
+    Case(
+        "val-split",
+        edit_params("train.validation_split", "1.5"),
+        DVC,
+        ["train.validation_split=1.5"],
+        exit_code=None,
+    ),
+    Case("epochs-zero", edit_params("train.epochs", "0"), DVC, ["train.epochs=0"], exit_code=None),
+    Case("epochs-text", edit_params("train.epochs", "ten"), DVC, ["train.epochs", "ten"], exit_code=None),
+    Case("n-test", edit_params("data.n_test", "5000"), DVC, ["data.n_test=5000"], exit_code=None),
+    Case(
+        "one-center",
+        edit_params("data.centers", "[[1.0, 1.0]]"),
+        DVC,
+        ["data.centers", "at least 2"],
+        exit_code=None,
+    ),
+    Case("no-hidden", edit_params("model.hidden", "[]"), DVC, ["model.hidden=[]"], exit_code=None),
+    Case("units", edit_params("model.hidden", "[8, -1]"), DVC, ["model.hidden[1]=-1"], exit_code=None),
+    Case("dropout", edit_params("model.dropout", "1.0"), DVC, ["model.dropout=1.0"], exit_code=None),
+    Case(
+        "loss",
+        edit_params("train.loss", "mse"),
+        DVC,
+        ["train.loss='mse'", "categorical_crossentropy"],
+        exit_code=None,
+    ),
+    Case(
+        "initializer",
+        edit_params("model.kernel_initializer", "zeros"),
+        DVC,
+        ["model.kernel_initializer='zeros'"],
+        exit_code=None,
+    ),
+    Case("std", edit_params("data.cluster_std", "-1"), DVC, ["data.cluster_std=-1"], exit_code=None),
+    Case("ci", edit_params("evaluate.ci", "1.5"), DVC, ["evaluate.ci=1.5"], exit_code=None),
+    Case(
+        "device",
+        edit_params("train.device", "tpu"),
+        DVC,
+        ["train.device='tpu'", "auto, cpu, gpu"],
+        exit_code=None,
+    ),
+    Case("typo-key", edit_params("train.lerning_rate", "0.1"), DVC, ["lerning_rate"], exit_code=None),
+    Case("broken-yaml", write_params("seed: [1, 2\nmodel: {"), DVC, ["params.yaml"], exit_code=None),
+    # the same kind of mistakes straight into a stage (exit code 2, our message)
+    Case("stage-activation", edit_params("model.activation", "relux"), TRAIN, ["model.activation='relux'"]),
+    Case("stage-no-params", lambda p: (p / "params.yaml").unlink(), TRAIN, ["params.yaml", "make params"]),
+    Case("gpu-missing", edit_params("train.device", "gpu"), TRAIN, ["train.device='gpu'", "no GPU"]),
+    # data files corrupted or edited by hand, then the train stage
+    Case(
+        "truncated", edit_split(truncate), TRAIN, ["train.parquet", "not a readable Parquet"], changed=SPLIT
+    ),
+    Case(
+        "not-parquet", edit_split(garbage), TRAIN, ["train.parquet", "not a readable Parquet"], changed=SPLIT
+    ),
+    Case("missing-column", edit_split(drop_column), TRAIN, ["columns", "x2"], changed=SPLIT),
+    Case("nan", edit_split(nan_value), TRAIN, ["x1", "nan", "row 3"], changed=SPLIT),
+    Case("inf", edit_split(inf_value), TRAIN, ["x2", "inf", "row 5"], changed=SPLIT),
+    Case("label-range", edit_split(bad_label), TRAIN, ["label 9", "row 7", "0..3"], changed=SPLIT),
+    Case("empty", edit_split(empty_split), TRAIN, ["empty"], changed=SPLIT),
+    Case("string-x1", edit_split(string_feature), TRAIN, ["x1", "dtype"], changed=SPLIT),
+    Case("float-labels", edit_split(float_labels), TRAIN, ["label", "dtype"], changed=SPLIT),
+    Case("one-row", edit_split(tiny_split), TRAIN, ["1 rows", "validation"], changed=SPLIT),
+    Case("no-data", edit_split(delete), TRAIN, ["train.parquet", "not found"], changed=SPLIT),
+    # environment
+    Case(
+        "bad-uri-scheme",
+        None,
+        TRAIN,
+        ["bogus://nowhere", "not usable"],
+        env={"MLFLOW_TRACKING_URI": "bogus://nowhere"},
+    ),
+    # the Hydra app
+    Case("app-unknown-option", None, [*APP, "model=huge"], ["model", "huge"]),
+    Case("app-bad-type", None, [*APP, "train.epochs=many"], ["train.epochs", "many"]),
+    Case("app-bad-value", None, [*APP, "optimizer.lr=-1"], ["optimizer.lr=-1.0"]),
+    Case("app-unknown-key", None, [*APP, "train.lerning_rate=0.1"], ["lerning_rate"]),
+    Case(
+        "summarize-usage",
+        None,
+        [sys.executable, "-m", "softmaxlab", "summarize"],
+        ["usage: softmaxlab summarize"],
+    ),
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
+def test_bad_input_fails_clearly_and_loses_nothing(case, good_project, tmp_path):
+    project = tmp_path / "proj"
+    shutil.copytree(good_project, project, symlinks=True)
+    if case.setup:
+        case.setup(project)
+    before = snapshot(project, exclude=case.changed)
+    lock_before = (project / "dvc.lock").read_bytes()
+    runs_before = run_statuses(project)
+
+    proc = subprocess.run(case.cmd, cwd=project, env=env_with_venv(**case.env), capture_output=True,
+                          text=True, timeout=300)  # fmt: skip
+    out = proc.stdout + proc.stderr
+
+    assert proc.returncode != 0, out
+    if case.exit_code is not None:
+        assert proc.returncode == case.exit_code, out
+    for needle in case.needles:
+        assert needle in out, f"{needle!r} not in:\n{out}"
+    assert "Traceback" not in out, out
+    if case.cmd[0] == sys.executable:  # ours, not DVC's
+        ours = [line for line in proc.stderr.splitlines() if line.startswith("softmaxlab: error:")]
+        assert len(ours) == 1, proc.stderr  # one line, not a wall of text
+    statuses = run_statuses(project)
+    assert "RUNNING" not in statuses, statuses
+    assert statuses.count("FINISHED") == runs_before.count("FINISHED")
+    assert_outputs_intact(project, case.cmd, before, lock_before, case.changed)
+    assert not list(project.rglob(".*.tmp")) and not list(project.rglob(".model.keras*"))
+
+
+def assert_outputs_intact(project, cmd, before, lock_before, exclude=frozenset()):
+    """Our stages never touch an output unless they succeed (atomic writes). `dvc repro`
+    removes a stage's outputs before running it; the last good ones stay in DVC's cache and
+    dvc.lock, and `dvc checkout` brings them back byte for byte."""
+    assert (project / "dvc.lock").read_bytes() == lock_before
+    if cmd is DVC and snapshot(project, exclude) != before:
+        run_cmd(["dvc", "checkout", "--force"], project)
+    assert snapshot(project, exclude) == before
+
+
+def test_at_least_25_bad_inputs_are_covered():
+    assert len(CASES) >= 25
+
+
+def test_nan_loss_stops_training_marks_the_run_failed_and_keeps_outputs(good_project, tmp_path):
+    project = tmp_path / "proj"
+    shutil.copytree(good_project, project, symlinks=True)
+    for key, value in [("model.activation", "elu"), ("optimizer.name", "sgd"), ("optimizer.lr", "1000.0")]:
+        edit_params(key, value)(project)
+    before, lock_before = snapshot(project), (project / "dvc.lock").read_bytes()
+    proc = subprocess.run(DVC, cwd=project, env=env_with_venv(), capture_output=True, text=True, timeout=300)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0 and "training diverged" in out and "lower optimizer.lr" in out, out
+    assert "Traceback" not in out
+    statuses = run_statuses(project)
+    assert statuses.count("FAILED") == 1 and "RUNNING" not in statuses
+    assert_outputs_intact(project, DVC, before, lock_before)
+    # Fix the config and the next repro recovers.
+    edit_params("optimizer.lr", "0.01")(project)
+    run_cmd(DVC, project)
+    assert "RUNNING" not in run_statuses(project)
+
+
+def test_ctrl_c_during_training_marks_the_run_killed_and_keeps_outputs(good_project, tmp_path):
+    project = tmp_path / "proj"
+    shutil.copytree(good_project, project, symlinks=True)
+    edit_params("train.epochs", "100000")(project)
+    before = snapshot(project)
+    proc = subprocess.Popen(TRAIN, cwd=project, env=env_with_venv(), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)  # fmt: skip
+    deadline = time.time() + 120
+    while "RUNNING" not in run_statuses(project):
+        assert proc.poll() is None and time.time() < deadline, proc.communicate()
+        time.sleep(0.5)
+    time.sleep(3)  # well inside the epoch loop
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert "interrupted" in err and "Traceback" not in err
+    statuses = run_statuses(project)
+    assert "KILLED" in statuses and "RUNNING" not in statuses
+    assert snapshot(project) == before
+    assert not [p for p in project.rglob(".*") if p.is_file() and p.parent.name in OUTPUT_DIRS]
+
+
+def test_same_config_gives_identical_bytes_and_metrics_in_fresh_projects(tmp_path):
+    a = make_project(tmp_path / "a", *tiny_overrides())
+    b = make_project(tmp_path / "b", *tiny_overrides())
+    for p in (a, b):
+        run_cmd(DVC, p)
+    assert (a / "data/train.parquet").read_bytes() == (b / "data/train.parquet").read_bytes()
+    assert (a / "data/test.parquet").read_bytes() == (b / "data/test.parquet").read_bytes()
+    assert (a / "reports/metrics.json").read_text() == (b / "reports/metrics.json").read_text()
+    assert (a / "predictions/test.parquet").read_bytes() == (b / "predictions/test.parquet").read_bytes()
+
+
+def test_saved_model_loads_in_keras_safe_mode(good_project):
+    import numpy as np
+
+    from softmaxlab.train import load_model
+
+    model = load_model(good_project / "models" / "model.keras")
+    test = pd.read_parquet(good_project / "data" / "test.parquet")
+    probs = np.asarray(model(test[["x1", "x2"]].to_numpy(np.float32)))
+    saved = pd.read_parquet(good_project / "predictions" / "test.parquet")
+    np.testing.assert_allclose(probs, saved[[f"p{j}" for j in range(4)]].to_numpy(), atol=1e-5)
+
+
+def test_unsafe_model_is_refused_in_safe_mode(tmp_path):
+    import keras
+
+    from softmaxlab.train import load_model
+
+    model = keras.Sequential([keras.Input((2,)), keras.layers.Lambda(lambda x: x * 2)])
+    path = tmp_path / "unsafe.keras"
+    model.save(path)
+    with pytest.raises(ValueError, match="safe_mode"):
+        load_model(path)
+
+
+def test_nothing_secret_is_logged(tmp_path, good_project):
+    import mlflow
+
+    client = mlflow.tracking.MlflowClient(f"sqlite:///{good_project / 'mlflow.db'}")
+    run = client.search_runs([client.get_experiment_by_name("softmaxlab").experiment_id])[0]
+    logged = " ".join([*run.data.tags, *run.data.tags.values(), *run.data.params, *run.data.params.values()])
+    for name, value in os.environ.items():
+        if len(value) >= 12 and any(s in name.upper() for s in ("TOKEN", "SECRET", "PASSWORD", "KEY")):
+            assert value not in logged, name
+    assert "PATH" not in run.data.tags and "HOME" not in run.data.tags
+
+
+def test_credentials_in_the_tracking_uri_are_never_written():
+    from softmaxlab.tracking import redact
+
+    assert redact("https://alice:s3cret@mlflow.example:5000/x") == "https://***@mlflow.example:5000/x"
+    assert redact("sqlite:////tmp/mlflow.db") == "sqlite:////tmp/mlflow.db"
