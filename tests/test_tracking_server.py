@@ -1,0 +1,162 @@
+"""A team tracking server: real `mlflow server` processes and a silent one, all on 127.0.0.1."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+
+import pytest
+from conftest import compose_config, env_with_venv, make_project, run_cmd, tiny_overrides
+
+pytestmark = pytest.mark.slow
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def silent_server():
+    """Accepts connections and never answers: the worst kind of unreachable."""
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(16)
+    conns, stop = [], threading.Event()
+
+    def accept():
+        srv.settimeout(0.2)
+        while not stop.is_set():
+            with contextlib.suppress(OSError):
+                conns.append(srv.accept()[0])
+
+    t = threading.Thread(target=accept, daemon=True)
+    t.start()
+    yield f"http://127.0.0.1:{srv.getsockname()[1]}"
+    stop.set()
+    t.join()
+    for c in conns:
+        c.close()
+    srv.close()
+
+
+def start_mlflow_server(port: int, tmp_path):
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
+         "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
+         "--artifacts-destination", str(tmp_path / "server-artifacts"), "--workers", "1"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env_with_venv(),
+    )  # fmt: skip
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as r:
+                if r.status == 200:
+                    return proc
+        except OSError:
+            time.sleep(0.5)
+    proc.kill()
+    raise AssertionError("mlflow server did not start")
+
+
+def test_silent_server_is_noticed_within_10_s_and_runs_fall_back(silent_server, tmp_path, monkeypatch):
+    from softmaxlab import tracking
+
+    cfg = compose_config(*tiny_overrides(f"tracking.uri={silent_server}"))
+    monkeypatch.chdir(tmp_path)  # the fallback store is <project root>/mlflow.db: keep it here
+    start = time.monotonic()
+    tracker = tracking.connect(cfg)
+    assert time.monotonic() - start < 10
+    assert tracker.fallback_from == silent_server and tracker.uri.startswith("sqlite:///")
+
+
+def test_unreachable_server_loses_nothing_in_dvc_repro(silent_server, tmp_path):
+    project = make_project(tmp_path / "proj", *tiny_overrides())
+    proc = run_cmd(["dvc", "repro"], project, env=env_with_venv(MLFLOW_TRACKING_URI=silent_server))
+    assert "unreachable" in proc.stderr and "softmaxlab sync" in proc.stderr
+    metrics = json.loads((project / "reports/metrics.json").read_text())
+    assert (project / "reports/report.html").is_file() and "accuracy" in metrics
+    import mlflow
+
+    client = mlflow.tracking.MlflowClient(f"sqlite:///{project / 'mlflow.db'}")
+    (run,) = client.search_runs([client.get_experiment_by_name("softmaxlab").experiment_id])
+    assert run.info.status == "FINISHED"
+    assert run.data.tags["tracking.fallback_from"] == silent_server
+    assert run.data.metrics["test_accuracy"] == pytest.approx(metrics["accuracy"], abs=1e-6)
+
+
+def test_real_server_receives_runs_directly_and_fallback_runs_by_sync(tmp_path):
+    import mlflow
+
+    port = free_port()
+    uri = f"http://127.0.0.1:{port}"
+    project = make_project(tmp_path / "proj", *tiny_overrides())
+    # 1. The server is down (connection refused): the run falls back to the local store.
+    run_cmd(["dvc", "repro"], project, env=env_with_venv(MLFLOW_TRACKING_URI=uri))
+    local = mlflow.tracking.MlflowClient(f"sqlite:///{project / 'mlflow.db'}")
+    (fallback,) = local.search_runs([local.get_experiment_by_name("softmaxlab").experiment_id])
+
+    server = start_mlflow_server(port, tmp_path)
+    try:
+        # 2. Up again: sync copies the run — params, full curves, artifacts, model files.
+        out = run_cmd(["softmaxlab", "sync"], project, env=env_with_venv(MLFLOW_TRACKING_URI=uri))
+        assert "1 run(s) copied" in out.stderr
+        remote = mlflow.tracking.MlflowClient(uri)
+        exp = remote.get_experiment_by_name("softmaxlab")
+        (copied,) = remote.search_runs([exp.experiment_id])
+        assert copied.data.params == fallback.data.params
+        assert copied.data.metrics == fallback.data.metrics
+        assert copied.info.status == "FINISHED"
+        hist = remote.get_metric_history(copied.info.run_id, "val_loss")
+        assert [m.step for m in hist] == [1, 2]
+        artifacts = {a.path for a in remote.list_artifacts(copied.info.run_id)}
+        assert {"calibration", "figures", "report.html", "model"} <= artifacts
+        # A second sync copies nothing twice.
+        again = run_cmd(["softmaxlab", "sync"], project, env=env_with_venv(MLFLOW_TRACKING_URI=uri))
+        assert "0 run(s) copied" in again.stderr
+
+        # 3. With the server up, a new run goes straight to it.
+        params = project / "params.yaml"
+        params.write_text(params.read_text().replace("epochs: 2", "epochs: 3"))
+        run_cmd(["dvc", "repro"], project, env=env_with_venv(MLFLOW_TRACKING_URI=uri))
+        runs = remote.search_runs([exp.experiment_id])
+        assert len(runs) == 2
+        direct = next(r for r in runs if r.info.run_id != copied.info.run_id)
+        assert direct.info.status == "FINISHED" and "test_ece_ts" in direct.data.metrics
+        assert "tracking.fallback_from" not in direct.data.tags
+        mlflow.set_tracking_uri(uri)
+        models = mlflow.search_logged_models(
+            experiment_ids=[exp.experiment_id],
+            filter_string=f"source_run_id = '{direct.info.run_id}'",
+            output_format="list",
+        )
+        assert len(models) == 1
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+def test_parallel_sweep_of_8_jobs_on_2_workers_loses_no_runs(tmp_path):
+    project = make_project(tmp_path / "proj")
+    run_cmd(
+        ["python", "-m", "softmaxlab", "-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2",
+         "model=seed,tiny,wide,deep", "seed=0,1", *tiny_overrides(), "hydra.sweep.dir=sweep"],
+        project,
+    )  # fmt: skip
+    import mlflow
+
+    mlflow.set_tracking_uri(f"sqlite:///{project / 'mlflow.db'}")
+    df = mlflow.search_runs(experiment_names=["softmaxlab"], output_format="pandas")
+    children = df[df["tags.job_num"].notna()]
+    assert len(children) == 8 and (children["status"] == "FINISHED").all()
+    assert sorted(children["tags.job_num"].astype(int)) == list(range(8))
+    assert children["metrics.test_accuracy"].notna().all()
+    parent = df[df["tags.sweep_overrides"].notna()]
+    assert len(parent) == 1 and parent.iloc[0]["status"] == "FINISHED"
