@@ -10,7 +10,7 @@ import pytest
 from conftest import compose_config, tiny_overrides
 
 from softmaxlab import generate, pipeline, train
-from softmaxlab.io import read_predictions
+from softmaxlab.io import n_classes_of, read_predictions
 
 CURVES = ("loss", "accuracy", "val_loss", "val_accuracy")
 
@@ -134,7 +134,7 @@ def test_seed_config_reaches_the_tutorials_accuracy_with_its_own_training_loop()
 
 
 def read_predictions_frame(df):
-    k = sum(c.startswith("p") and c[1:].isdigit() for c in df.columns)
+    k = n_classes_of(df)
     return None, df[[f"p{j}" for j in range(k)]].to_numpy(), df["label"].to_numpy()
 
 

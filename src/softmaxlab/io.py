@@ -111,6 +111,11 @@ def read_split(path: str | os.PathLike, n_classes: int | None = None) -> pd.Data
     return df
 
 
+def n_classes_of(df: pd.DataFrame) -> int:
+    """Number of probability columns p0..p{k-1} in a predictions or grid frame."""
+    return sum(c.startswith("p") and c[1:].isdigit() for c in df.columns)
+
+
 def prob_columns(k: int) -> list[str]:
     return [f"p{j}" for j in range(k)]
 
@@ -133,7 +138,7 @@ def read_predictions(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray, n
     if not path.is_file():
         raise UserError(f"{path}: predictions not found; run the train stage first (`dvc repro`)")
     df = pd.read_parquet(path)
-    k = sum(c.startswith("p") and c[1:].isdigit() for c in df.columns)
+    k = n_classes_of(df)
     return (
         df[logit_columns(k)].to_numpy(np.float64),
         df[prob_columns(k)].to_numpy(np.float64),

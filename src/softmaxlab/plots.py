@@ -13,7 +13,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from softmaxlab.io import FEATURES, prob_columns  # noqa: E402
+from softmaxlab.io import FEATURES, n_classes_of, prob_columns  # noqa: E402
 
 CMAP = plt.get_cmap("tab10")
 
@@ -109,7 +109,7 @@ def landscape(grid: pd.DataFrame, train: pd.DataFrame, title: str):
     from matplotlib.colors import to_rgb
 
     x1, x2 = FEATURES
-    k = sum(c.startswith("p") and c[1:].isdigit() for c in grid.columns)
+    k = n_classes_of(grid)
     probs = grid[prob_columns(k)].to_numpy()
     side = int(round(np.sqrt(len(grid))))
     top = probs.max(axis=1)

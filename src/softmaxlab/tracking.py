@@ -208,9 +208,9 @@ class Tracker:
         import numpy as np
         from mlflow.models import infer_signature
 
-        from softmaxlab.io import prob_columns
+        from softmaxlab.io import n_classes_of, prob_columns
 
-        k = sum(c.startswith("p") and c[1:].isdigit() for c in test_predictions.columns)
+        k = n_classes_of(test_predictions)
         example = np.zeros((5, 2), np.float32)
         signature = infer_signature(example, test_predictions[prob_columns(k)].to_numpy(np.float32)[:5])
         reqs = [f"{p}=={metadata.version(p)}" for p in ("tensorflow", "keras", "numpy")]
