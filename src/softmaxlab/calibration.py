@@ -222,6 +222,9 @@ def classwise_reliability(probs, labels, n_bins: int = 15) -> pd.DataFrame:
 
 
 # -- uncertainty ---------------------------------------------------------------------------
+_BOOTSTRAP_CHUNK = 4_000_000  # index-matrix elements per chunk
+
+
 def _resampled_metrics(p: np.ndarray, y: np.ndarray, idx: np.ndarray, n_bins: int):
     """accuracy, ece, brier and nll of each resample p[idx[r]], y[idx[r]], without a loop:
     per-sample terms are computed once, gathered through idx and reduced per row; the binned
@@ -245,16 +248,26 @@ def bootstrap_ci(
 ) -> dict[str, tuple[float, float]]:
     """Percentile bootstrap intervals for accuracy, ECE, Brier and NLL.
 
-    Resample r is rows default_rng(seed).integers(0, n, (n_resamples, n))[r]; the metrics of
-    each resample equal the scalar functions' on it.
+    Resamples are rows of default_rng(seed).integers(0, n, (rows, n)), drawn in chunks of
+    rows so the index matrix stays near 32 MB however large n is (one (1000, 250000) matrix
+    would be 2 GB); the metrics of each resample equal the scalar functions' on it.
     """
     p, y = check_inputs(probs, labels)
     if n_resamples < 1 or not 0 < ci < 1:
         raise ValueError(f"need n_resamples >= 1 and 0 < ci < 1, got {n_resamples} and {ci}")
-    idx = np.random.default_rng(seed).integers(0, len(y), size=(n_resamples, len(y)))
+    rng = np.random.default_rng(seed)
+    chunk = max(1, _BOOTSTRAP_CHUNK // len(y))
+    parts = [
+        _resampled_metrics(
+            p, y, rng.integers(0, len(y), size=(min(chunk, n_resamples - start), len(y))), n_bins
+        )
+        for start in range(0, n_resamples, chunk)
+    ]
     q = [(1 - ci) / 2 * 100, (1 + ci) / 2 * 100]
-    samples = _resampled_metrics(p, y, idx, n_bins)
-    return {name: tuple(float(v) for v in np.percentile(s, q)) for name, s in samples.items()}
+    return {
+        name: tuple(float(v) for v in np.percentile(np.concatenate([part[name] for part in parts]), q))
+        for name in parts[0]
+    }
 
 
 # -- temperature scaling -------------------------------------------------------------------

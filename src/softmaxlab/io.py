@@ -61,7 +61,8 @@ def save_figure(fig, path: str | os.PathLike) -> None:
     import matplotlib.pyplot as plt
 
     with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=110, bbox_inches="tight", format=Path(path).suffix.lstrip("."))
+        # No bbox_inches="tight": the figures are laid out already, and it renders them twice.
+        fig.savefig(tmp, dpi=110, format=Path(path).suffix.lstrip("."))
     plt.close(fig)
 
 

@@ -16,6 +16,15 @@ import pandas as pd  # noqa: E402
 from softmaxlab.io import FEATURES, n_classes_of, prob_columns  # noqa: E402
 
 CMAP = plt.get_cmap("tab10")
+# Scatter plots draw at most this many points: beyond it they add ink and seconds, not
+# information (1e6 samples take ~10 s to draw).
+MAX_POINTS = 5000
+
+
+def _thin(df: pd.DataFrame) -> tuple[pd.DataFrame, str]:
+    if len(df) <= MAX_POINTS:
+        return df, ""
+    return df.sample(MAX_POINTS, random_state=0), f" ({MAX_POINTS:,} of {len(df):,} shown)"
 
 
 def _color(k: int):
@@ -64,13 +73,15 @@ def classwise_reliability(table: pd.DataFrame, title: str):
 
 
 def confusion(labels: np.ndarray, predicted: np.ndarray, n_classes: int, title: str):
-    from sklearn.metrics import ConfusionMatrixDisplay
-
+    # A bincount, drawn: sklearn's ConfusionMatrixDisplay would cost the report stage ~1 s of
+    # importing sklearn for the same picture.
+    counts = np.bincount(labels * n_classes + predicted, minlength=n_classes**2).reshape(n_classes, n_classes)
     fig, ax = plt.subplots(figsize=(4.8, 4.4))
-    ConfusionMatrixDisplay.from_predictions(
-        labels, predicted, labels=list(range(n_classes)), ax=ax, colorbar=False, cmap="Blues"
-    )
-    ax.set(title=title, xlabel="predicted class", ylabel="true class")
+    ax.imshow(counts, cmap="Blues")
+    for (i, j), v in np.ndenumerate(counts):
+        ax.text(j, i, str(v), ha="center", va="center", color="white" if v > counts.max() / 2 else "black")
+    ticks = list(range(n_classes))
+    ax.set(xticks=ticks, yticks=ticks, title=title, xlabel="predicted class", ylabel="true class")
     fig.tight_layout()
     return fig
 
@@ -94,6 +105,8 @@ def training_curves(history: pd.DataFrame, title: str):
 def data(train: pd.DataFrame, test: pd.DataFrame, title: str):
     fig, ax = plt.subplots(figsize=(5.6, 5))
     x1, x2 = FEATURES
+    (train, shown), (test, _) = _thin(train), _thin(test)
+    title += shown
     for k, g in train.groupby("label"):
         ax.scatter(g[x1], g[x2], s=10, color=_color(int(k)), label=f"class {k} (train)")
     ax.scatter(test[x1], test[x2], s=14, facecolors="none", edgecolors="k", lw=0.5, label="test")
@@ -125,6 +138,8 @@ def landscape(grid: pd.DataFrame, train: pd.DataFrame, title: str):
         top.reshape(side, side), levels=[0.6, 0.9, 0.99], colors="k", linewidths=0.6,
     )  # fmt: skip
     ax.clabel(cs, fmt="p=%.2f", fontsize=7)
+    train, shown = _thin(train)
+    title += shown
     for j, g in train.groupby("label"):
         ax.scatter(g[x1], g[x2], s=6, color=_color(int(j)), edgecolors="k", lw=0.2)
     ax.set(xlabel=x1, ylabel=x2, title=title)
