@@ -56,6 +56,8 @@ def _tf():
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     import tensorflow as tf
 
+    # Retracing warnings are expected: every sweep job builds a new model.
+    tf.get_logger().setLevel("ERROR")
     return tf
 
 
