@@ -265,6 +265,13 @@ CASES = [
     Case("app-bad-type", None, [*APP, "train.epochs=many"], ["train.epochs", "many"]),
     Case("app-bad-value", None, [*APP, "optimizer.lr=-1"], ["optimizer.lr=-1.0"]),
     Case("app-unknown-key", None, [*APP, "train.lerning_rate=0.1"], ["lerning_rate"]),
+    # a sweep whose shared settings are wrong fails once, before any job runs
+    Case(
+        "sweep-bad-base",
+        None,
+        [sys.executable, "-m", "softmaxlab", "-m", "hydra.sweep.dir=sweep_out", "train.epochs=0", "seed=0,1"],
+        ["train.epochs=0"],
+    ),
     Case(
         "summarize-usage",
         None,

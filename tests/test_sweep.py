@@ -98,3 +98,25 @@ def test_queued_dvc_grid_runs_and_shows_in_exp_show(tmp_path):
     df = runs(project)
     assert len(df) == 4
     assert df["status"].eq("FINISHED").all()
+
+
+def test_a_bad_job_fails_alone_and_the_sweep_says_so(tmp_path):
+    project = make_project(tmp_path / "proj")
+    proc = run_cmd(
+        ["python", "-m", "softmaxlab", "-m", "optimizer.lr=0.001,-1", *tiny_overrides(), "hydra.sweep.dir=sweep"],
+        project, check=False,
+    )  # fmt: skip
+    assert proc.returncode == 1, proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("softmaxlab: error:")]
+    assert len(errors) == 1 and "job 1" in errors[0] and "optimizer.lr=-1.0" in errors[0]
+    assert "Traceback" not in proc.stdout + proc.stderr
+    df = runs(project)
+    assert "RUNNING" not in set(df["status"])
+    children = df[df["tags.job_num"].notna()].sort_values("tags.job_num")
+    # The good job ran and was logged; the bad one is on record as FAILED, with its error.
+    assert list(children["status"]) == ["FINISHED", "FAILED"]
+    assert "optimizer.lr=-1.0" in children.iloc[1]["tags.error"]
+    summary = pd.read_csv(project / "sweep" / "summary.csv")
+    assert list(summary["status"]) == ["FINISHED", "FAILED"]
+    parent = df[df["tags.sweep_overrides"].notna()].iloc[0]
+    assert parent["status"] == "FAILED"  # the sweep as a whole did not complete

@@ -94,27 +94,35 @@ def job(dcfg) -> float:
         sys.stderr.release()
     hc = HydraConfig.get()
     multirun = hc.mode == RunMode.MULTIRUN
-    try:
-        cfg = to_config(dcfg)
-        tracker = tracking.connect(cfg)
-        overrides = " ".join(hc.overrides.task)
-        tags = {"overrides": overrides or "(defaults)"}
-        parent = sweep.parent_run_id() if multirun else None
-        if multirun:
-            tags.update({"sweep_id": sweep.sweep_id(), "job_num": str(hc.job.num)})
-        metrics = pipeline.run(
-            cfg, Path(hc.runtime.output_dir), tracker,
-            run_name=overrides or None, parent_run_id=parent, tags=tags,
-        )  # fmt: skip
-    except UserError as err:
+    overrides = " ".join(hc.overrides.task)
+
+    def failed(err: UserError) -> float:
         if debug():
-            raise
+            raise err
         if not multirun:
             fail(str(err))
         # In a sweep one bad job (say, a learning rate that diverges) must not stop the
         # others: say so, leave its run FAILED, and let the summary count it.
-        print(f"softmaxlab: error: job {hc.job.num} ({' '.join(hc.overrides.task)}): {err}", file=sys.stderr)
+        print(f"softmaxlab: error: job {hc.job.num} ({overrides}): {err}", file=sys.stderr)
         return float("nan")
+
+    try:
+        cfg = to_config(dcfg)
+        tracker = tracking.connect(cfg)
+    except UserError as err:
+        if multirun:
+            sweep.record_failed_job(hc.job.num, overrides, str(err))
+        return failed(err)
+    tags = {"overrides": overrides or "(defaults)"}
+    if multirun:
+        tags.update({"sweep_id": sweep.sweep_id(), "job_num": str(hc.job.num)})
+    try:
+        metrics = pipeline.run(
+            cfg, Path(hc.runtime.output_dir), tracker, run_name=overrides or None,
+            parent_run_id=sweep.parent_run_id() if multirun else None, tags=tags,
+        )  # fmt: skip
+    except UserError as err:  # its run, if it had one, is already marked FAILED
+        return failed(err)
     value = metrics.get(cfg.objective, float("nan"))
     print(
         f"softmaxlab: test accuracy {metrics['test_accuracy']:.4f}, loss {metrics['test_loss']:.4f}, "

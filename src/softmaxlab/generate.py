@@ -5,6 +5,8 @@ As in the tutorial, make_blobs shuffles and the first `n_test` samples are the t
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 
@@ -31,8 +33,6 @@ def generate(data: DataConfig, seed: int) -> tuple[pd.DataFrame, pd.DataFrame]:
 
 
 def write(cfg: Config, train: pd.DataFrame, test: pd.DataFrame, root=".") -> None:
-    from pathlib import Path
-
     write_table(Path(root) / cfg.paths.train_data, train)
     write_table(Path(root) / cfg.paths.test_data, test)
 

@@ -21,6 +21,7 @@ from softmaxlab.errors import UserError
 
 ENV_PARENT = "SOFTMAXLAB_PARENT_RUN_ID"
 ENV_SWEEP = "SOFTMAXLAB_SWEEP_ID"
+ENV_STORE = "SOFTMAXLAB_SWEEP_STORE"  # "<experiment id> <tracking uri>" of the parent run
 SUMMARY_COLUMNS = {
     "tags.job_num": "job",
     "tags.overrides": "overrides",
@@ -48,6 +49,26 @@ def failed_jobs() -> int:
     return _state["failed"]
 
 
+def record_failed_job(job_num: int, overrides: str, error: str) -> None:
+    """A job whose own config is invalid never opens a run: record it as a FAILED child so
+    the summary, the parent's status and the exit code all see it."""
+    store = os.environ.get(ENV_STORE)
+    if not store or not parent_run_id():
+        return
+    from mlflow.tracking import MlflowClient
+
+    from softmaxlab.tracking import retry_locked
+
+    experiment_id, uri = store.split(" ", 1)
+    client = MlflowClient(uri)
+    tags = {
+        "mlflow.parentRunId": parent_run_id(), "sweep_id": sweep_id(), "job_num": str(job_num),
+        "overrides": overrides or "(defaults)", "error": error[:5000],
+    }  # fmt: skip
+    run = retry_locked(client.create_run, experiment_id, run_name=overrides or None, tags=tags)
+    retry_locked(client.set_terminated, run.info.run_id, "FAILED")
+
+
 def _job_config(config: DictConfig):
     from softmaxlab.config import to_config
 
@@ -59,9 +80,13 @@ class SweepCallback(Callback):
 
     def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
         from softmaxlab import tracking
+        from softmaxlab.errors import fail
 
-        cfg = _job_config(config)
-        tracker = tracking.connect(cfg)
+        try:
+            cfg = _job_config(config)
+            tracker = tracking.connect(cfg)
+        except UserError as err:  # before any job: the whole sweep is misconfigured
+            fail(str(err))
         sid = f"{Path(config.hydra.sweep.dir).name}-{uuid.uuid4().hex[:6]}"
         os.environ[ENV_SWEEP] = sid
         if tracker is None:
@@ -75,6 +100,7 @@ class SweepCallback(Callback):
         run = tracker.client.create_run(tracker.experiment_id, run_name=f"sweep {sid}", tags=tags)
         tracker.log_params(run.info.run_id, cfg)
         os.environ[ENV_PARENT] = run.info.run_id
+        os.environ[ENV_STORE] = f"{tracker.experiment_id} {tracker.uri}"
         _state["parent"] = (tracker, run.info.run_id, Path(config.hydra.sweep.dir))
         print(f"softmaxlab: sweep {sid}, MLflow parent run {run.info.run_id}", file=sys.stderr)
 

@@ -62,7 +62,8 @@ def sync(target_uri: str, local_uri: str) -> list[tuple[str, str]]:
 
     from softmaxlab.tracking import _reachable, ensure_experiment, redact
 
-    why = _reachable(target_uri) if target_uri.startswith(("http://", "https://")) else None
+    # Not the cached answer: the point of sync is that the server is back.
+    why = _reachable.__wrapped__(target_uri) if target_uri.startswith(("http://", "https://")) else None
     if why:
         raise UserError(f"MLflow server {redact(target_uri)} is still unreachable ({why}); try again later")
     src, dst = MlflowClient(local_uri), MlflowClient(target_uri)

@@ -8,6 +8,7 @@ run in separate processes, can all add to the one run the train stage opened.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import platform
 import subprocess
@@ -66,8 +67,10 @@ def resolve_uri(cfg: Config) -> str:
     return uri
 
 
+@functools.cache
 def _reachable(uri: str) -> str | None:
-    """None if an http(s) tracking server answers /health in time, else why not."""
+    """None if an http(s) tracking server answers /health in time, else why not. Asked once
+    per process: a sweep's jobs do not each wait on a silent server."""
     import urllib.error
     import urllib.request
 
