@@ -147,3 +147,15 @@ def test_a_sweep_generates_each_data_set_once():
     assert again[0] is first[0] and len(pipeline._DATA_CACHE) == before + 1
     other = compose_config(*tiny_overrides("seed=987654", "data.cluster_std=2.0"))
     assert pipeline.data_for(other.data, other.seed)[0] is not first[0]
+
+
+def test_tensorflow_start_up_noise_is_held_back_but_replayed_when_it_fails(capfd):
+    import os
+
+    with train._native_stderr_hushed(True):
+        os.write(2, b"could not find cuda drivers\n")
+    assert "cuda" not in capfd.readouterr().err
+    with pytest.raises(ImportError), train._native_stderr_hushed(True):
+        os.write(2, b"libcudnn.so: cannot open shared object file\n")
+        raise ImportError("tensorflow")
+    assert "libcudnn.so" in capfd.readouterr().err

@@ -9,8 +9,13 @@ what the maths costs instead of 3,600 rounds of Python and Keras callbacks.
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import logging
 import math
 import os
+import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,7 +26,7 @@ import pandas as pd
 
 from softmaxlab import calibration
 from softmaxlab.config import Config, ModelConfig, OptimizerConfig, fit_size, load_params
-from softmaxlab.errors import UserError, entry_point
+from softmaxlab.errors import UserError, debug, entry_point
 from softmaxlab.io import (
     FEATURES,
     atomic_path,
@@ -51,13 +56,48 @@ class TrainResult:
     info: dict[str, Any] = field(default_factory=dict)
 
 
+@contextlib.contextmanager
+def _native_stderr_hushed(enabled: bool):
+    """Hold back what C++ writes straight to file descriptor 2 (TensorFlow's CUDA probing on a
+    CPU machine prints before its own log level applies); replay it if the block fails."""
+    if not enabled:
+        yield
+        return
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as held:
+        os.dup2(held.fileno(), 2)
+        ok = False
+        try:
+            yield
+            ok = True
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            if not ok:
+                held.seek(0)
+                sys.stderr.write(held.read().decode(errors="replace"))
+
+
+@functools.cache
 def _tf():
-    # TensorFlow's C++ start-up chatter (CUDA probing on CPU machines) is noise for users.
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    import tensorflow as tf
+    # TensorFlow's start-up chatter ("could not find cuda drivers", "failed call to cuInit"
+    # on CPU machines) is noise for users; setting TF_CPP_MIN_LOG_LEVEL yourself, or
+    # SOFTMAXLAB_DEBUG=1, shows it again.
+    quiet = "TF_CPP_MIN_LOG_LEVEL" not in os.environ and not debug()
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    with _native_stderr_hushed(quiet):
+        import keras
+        import tensorflow as tf
+
+        tf.config.list_physical_devices("GPU")  # the CUDA probe prints too: do it here, once
 
     # Retracing warnings are expected: every sweep job builds a new model.
     tf.get_logger().setLevel("ERROR")
+    # No progress bars from Keras (MLflow's log_model runs a predict on the input example):
+    # off the terminal, they go to absl's logger, which Hydra's INFO level would still print.
+    keras.config.disable_interactive_logging()
+    logging.getLogger("absl").setLevel(logging.WARNING)
     return tf
 
 
