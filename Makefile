@@ -26,12 +26,13 @@ run: setup
 	dvc repro
 	@$(BIN)/python -m softmaxlab.tracking
 
-## test: the test suite (slow tests included; `make test-fast` skips them)
+## test: the test suite (slow tests included; `make test-fast` skips them), one worker per
+## core: most of it is subprocesses starting Python, which one core leaves idle half the time
 test: setup
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n auto --durations=15
 
 test-fast: setup
-	$(BIN)/python -m pytest -m "not slow"
+	$(BIN)/python -m pytest -n auto -m "not slow"
 
 ## bench: speed against the tutorial's own script (bench/README.md)
 bench: setup
