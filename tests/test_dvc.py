@@ -71,6 +71,21 @@ def test_changing_a_training_param_reruns_train_evaluate_report_not_generate(rep
     assert len(runs_in(project)[1]) == 2
 
 
+def test_a_retrain_with_identical_results_still_completes_its_own_run(repro_project):
+    # Training is deterministic, so a forced retrain reproduces the same predictions; the
+    # later stages must still run, or the new MLflow run would hold no test metrics or report.
+    project, _ = repro_project
+    out = run_cmd(["dvc", "repro", "-f", "-s", "train"], project).stdout
+    out += run_cmd(["dvc", "repro"], project).stdout
+    for stage in ["evaluate", "report"]:
+        assert f"Running stage '{stage}'" in out
+    client, runs = runs_in(project)
+    newest = runs[0]  # search_runs: newest first
+    assert json.loads((project / "reports/train.json").read_text())["run_id"] == newest.info.run_id
+    assert "test_accuracy" in newest.data.metrics
+    assert "report.html" in {a.path for a in client.list_artifacts(newest.info.run_id)}
+
+
 def test_dvc_plots_show_renders_reliability_and_training_curves(repro_project):
     project, _ = repro_project
     run_cmd(["dvc", "plots", "show", "--json"], project)
