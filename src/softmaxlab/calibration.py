@@ -231,9 +231,9 @@ def _resampled_metrics(p: np.ndarray, y: np.ndarray, idx: np.ndarray, n_bins: in
     A resample only changes how often each sample counts, so every metric is a weighted sum
     of per-sample terms: one matrix product of the draw counts (resamples x samples) with
     the terms (samples x [hit, brier, nll, (confidence - hit) in bin b for each b]). That
-    reads each sample once per resample, not once per draw per metric (~4x faster than
-    gathering at 250,000 test samples). `terms`: `_sample_terms(p, y, n_bins)`, computed
-    once for all chunks of resamples.
+    reads each sample once per resample, not once per draw per metric: bootstrap_ci at
+    250,000 test samples took half the time of gathering through idx. `terms`:
+    `_sample_terms(p, y, n_bins)`, computed once for all chunks of resamples.
     """
     n_resamples, n = idx.shape
     m = len(y)

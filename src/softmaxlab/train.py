@@ -85,7 +85,8 @@ def _tf():
     # on CPU machines) is noise for users; setting TF_CPP_MIN_LOG_LEVEL yourself, or
     # SOFTMAXLAB_DEBUG=1, shows it again.
     quiet = "TF_CPP_MIN_LOG_LEVEL" not in os.environ and not debug()
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    if quiet:
+        os.environ["TF_CPP_MIN_LOG_LEVEL"] = "3"
     with _native_stderr_hushed(quiet):
         import keras
         import tensorflow as tf
