@@ -1,8 +1,10 @@
 """Stage `evaluate`: accuracy, loss and calibration of the saved predictions.
 
-Works from the train stage's prediction files alone (no TensorFlow): test metrics with
-bootstrap intervals, a temperature fitted on the validation split (Guo et al. 2017) and every
-metric again after scaling, reliability tables and diagrams.
+Works from the train stage's prediction files alone: test metrics with bootstrap intervals,
+a temperature fitted on the validation split (Guo et al. 2017) and every metric again after
+scaling, and reliability tables. Numbers and files only: no TensorFlow, no matplotlib, no
+MLflow. The report stage draws the diagrams and records all of it in the run, so this stage's
+process starts in about a second instead of paying MLflow's and matplotlib's imports.
 """
 
 from __future__ import annotations
@@ -17,9 +19,13 @@ import pandas as pd
 from softmaxlab import calibration
 from softmaxlab.config import Config, EvaluateConfig, load_params
 from softmaxlab.errors import UserError, entry_point
-from softmaxlab.io import read_predictions, save_figure, write_json, write_table
+from softmaxlab.io import read_predictions, write_json, write_table
 
 Split = tuple[np.ndarray, np.ndarray, np.ndarray]  # logits, probs, labels
+# Every metric evaluate computed, at full precision and under the names MLflow records,
+# next to the reliability tables (reports/metrics.json is DVC's rounded, shorter view).
+METRICS_FILE = "metrics.json"
+TABLES = ("reliability", "reliability_ts", "classwise")
 
 
 @dataclass
@@ -27,7 +33,6 @@ class EvalResult:
     metrics: dict[str, float]  # MLflow names: test_accuracy, test_ece_ts_ci_low, temperature, ...
     temperature: float
     tables: dict[str, pd.DataFrame]  # reliability, reliability_ts, classwise
-    confidences: dict[str, np.ndarray]  # top probability per test sample, before / after
 
 
 def _scaled_name(key: str) -> str:
@@ -64,8 +69,7 @@ def evaluate(val: Split, test: Split, cfg: EvaluateConfig, seed: int) -> EvalRes
         "reliability_ts": calibration.reliability_table(scaled, test_labels, cfg.n_bins),
         "classwise": calibration.classwise_reliability(test_probs, test_labels, cfg.n_bins),
     }
-    confidences = {"reliability": test_probs.max(axis=1), "reliability_ts": scaled.max(axis=1)}
-    return EvalResult(metrics, float(temperature), tables, confidences)
+    return EvalResult(metrics, float(temperature), tables)
 
 
 def dvc_metrics(metrics: dict[str, float]) -> dict[str, float]:
@@ -74,62 +78,32 @@ def dvc_metrics(metrics: dict[str, float]) -> dict[str, float]:
     return {k.removeprefix("test_"): round(v, 6) for k, v in sorted(metrics.items())}
 
 
-def _interval(m: dict[str, float], key: str) -> str:
-    lo, hi = m.get(f"{key}_ci_low"), m.get(f"{key}_ci_high")
-    return f"{m[key]:.4f} [{lo:.4f}, {hi:.4f}]" if lo is not None else f"{m[key]:.4f}"
-
-
-def figures(result: EvalResult, ci: float) -> dict[str, object]:
-    from softmaxlab import plots
-
-    m = result.metrics
-    pct = f"{ci:.0%} CI"
-    titles = {
-        "reliability": f"before scaling: acc {m['test_accuracy']:.3f}\nECE {_interval(m, 'test_ece')} ({pct})",
-        "reliability_ts": f"after scaling (T = {result.temperature:.2f})\nECE {_interval(m, 'test_ece_ts')} ({pct})",
-    }
-    return {
-        "reliability.png": plots.reliability(
-            {k: result.tables[k] for k in titles}, result.confidences, titles
-        ),
-        "classwise.png": plots.classwise_reliability(
-            result.tables["classwise"],
-            f"per-class reliability (classwise ECE {m['test_ece_classwise']:.4f})",
-        ),
-    }
-
-
-def run(cfg: Config, root: Path, tracker=None, run_id: str | None = None) -> EvalResult:
-    """Read predictions under `root`, evaluate, write metrics/tables/plots, log them."""
+def run(cfg: Config, root: Path) -> EvalResult:
+    """Read predictions under `root`, evaluate, write the metrics and reliability tables."""
     pred_dir = root / cfg.paths.predictions
     val, test = read_predictions(pred_dir / "val.parquet"), read_predictions(pred_dir / "test.parquet")
     result = evaluate(val, test, cfg.evaluate, cfg.seed)
     out = root / cfg.paths.calibration
     for name, table in result.tables.items():
         write_table(out / f"{name}.csv", table)
-    for name, fig in figures(result, cfg.evaluate.ci).items():
-        save_figure(fig, out / name)
+    write_json(out / METRICS_FILE, result.metrics)
     write_json(root / cfg.paths.metrics, dvc_metrics(result.metrics))
-    if tracker:
-        tracker.log_metrics(run_id, result.metrics)
-        tracker.log_artifacts(run_id, [out], "calibration")
     return result
 
 
-def train_info(cfg: Config, root: Path = Path(".")) -> dict:
-    path = root / cfg.paths.train_info
+def read(cfg: Config, root: Path) -> tuple[dict[str, float], dict[str, pd.DataFrame]]:
+    """What run() wrote: the full metrics and the reliability tables."""
+    out = root / cfg.paths.calibration
+    path = out / METRICS_FILE
     if not path.is_file():
-        raise UserError(f"{path}: not found; run the train stage first (`dvc repro`)")
-    return json.loads(path.read_text())
+        raise UserError(f"{path}: not found; run the evaluate stage first (`dvc repro`)")
+    return json.loads(path.read_text()), {name: pd.read_csv(out / f"{name}.csv") for name in TABLES}
 
 
 @entry_point
 def main() -> None:
-    from softmaxlab import tracking
-
     cfg = load_params()
-    tracker, run_id = tracking.reopen(cfg, train_info(cfg))
-    m = run(cfg, Path("."), tracker, run_id).metrics
+    m = run(cfg, Path(".")).metrics
     print(
         f"evaluate: accuracy {m['test_accuracy']:.4f}, loss {m['test_loss']:.4f}, "
         f"ECE {m['test_ece']:.4f} -> {m['test_ece_ts']:.4f} after temperature {m['temperature']:.3f}"

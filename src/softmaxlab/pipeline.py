@@ -42,6 +42,6 @@ def run(
         train_df, test_df = data_for(cfg.data, cfg.seed)
         generate.write(cfg, train_df, test_df, root)
         trained = train.run(cfg, root, tracker, run_id)
-        metrics = evaluate.run(cfg, root, tracker, run_id).metrics
+        metrics = evaluate.run(cfg, root).metrics
         report.run(cfg, root, tracker, run_id)
     return {**metrics, "train_seconds": trained.train_seconds, "run_id": run_id}

@@ -1,7 +1,10 @@
-"""Stage `report`: the figures a person looks at and one self-contained HTML page.
+"""Stage `report`: the figures a person looks at, one self-contained HTML page, and the
+evaluation recorded in the MLflow run.
 
 Images are embedded (base64), so reports/report.html opens from disk in any browser and
-reads the same as an MLflow artifact or an e-mail attachment.
+reads the same as an MLflow artifact or an e-mail attachment. MLflow is used at the two ends
+of the pipeline only: train opens the run, report adds evaluate's metrics and tables (first,
+before any drawing) and then the figures and the page.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from softmaxlab import evaluate
 from softmaxlab.config import Config, as_dict, load_params
 from softmaxlab.errors import UserError, entry_point
 from softmaxlab.io import read_predictions, read_split, save_figure, write_text
@@ -29,7 +33,13 @@ METRIC_ROWS = [
 ]
 
 
-def make_figures(cfg: Config, root: Path) -> dict[str, object]:
+def _interval(m: dict[str, float], key: str) -> str:
+    lo, hi = m.get(f"{key}_ci_low"), m.get(f"{key}_ci_high")
+    return f"{m[key]:.4f} [{lo:.4f}, {hi:.4f}]" if lo is not None else f"{m[key]:.4f}"
+
+
+def make_figures(cfg: Config, root: Path, metrics: dict[str, float], tables: dict[str, pd.DataFrame]):
+    """Every figure of a run, from the stages' files and evaluate's metrics and tables."""
     from softmaxlab import plots
 
     k = len(cfg.data.centers)
@@ -40,12 +50,21 @@ def make_figures(cfg: Config, root: Path) -> dict[str, object]:
     grid = pd.read_parquet(root / cfg.paths.predictions / "grid.parquet")
     acc = float(np.mean(probs.argmax(axis=1) == labels))
     last = history.iloc[-1]
+    m, pct = metrics, f"{cfg.evaluate.ci:.0%} CI"
+    reliability_titles = {
+        "reliability": f"before scaling: acc {m['test_accuracy']:.3f}\nECE {_interval(m, 'test_ece')} ({pct})",
+        "reliability_ts": f"after scaling (T = {m['temperature']:.2f})\nECE {_interval(m, 'test_ece_ts')} ({pct})",
+    }
     return {
         "data.png": plots.data(train, test, f"{cfg.data.name}: {len(train)} train, {len(test)} test samples"),
         "training_curves.png": plots.training_curves(
             history,
             f"model {cfg.model.name}, {cfg.optimizer.name} lr {cfg.optimizer.lr}: final val_loss "
             f"{last['val_loss']:.4f}, val_accuracy {last['val_accuracy']:.4f}",
+        ),
+        "reliability.png": plots.reliability({n: tables[n] for n in reliability_titles}, reliability_titles),
+        "classwise.png": plots.classwise_reliability(
+            tables["classwise"], f"per-class reliability (classwise ECE {m['test_ece_classwise']:.4f})"
         ),
         "confusion.png": plots.confusion(labels, probs.argmax(axis=1), k, f"test accuracy {acc:.4f}"),
         "landscape.png": plots.landscape(
@@ -132,45 +151,89 @@ raw model was over-confident. Intervals: {cfg.evaluate.n_bootstrap} bootstrap re
 """
 
 
-def run(cfg: Config, root: Path, tracker=None, run_id: str | None = None) -> Path:
-    """Draw the report figures under `root`, write the HTML page, log both."""
+CAPTIONS = {
+    "data.png": "training data coloured by class (circles: test points)",
+    "training_curves.png": "training curves",
+    "reliability.png": "reliability diagram and samples per confidence bin, before and after temperature scaling",
+    "classwise.png": "per-class reliability curves",
+    "confusion.png": "confusion matrix on the test split",
+    "landscape.png": "confidence landscape over the input plane",
+}
+
+
+def draw(cfg: Config, root: Path, metrics: dict[str, float], tables: dict[str, pd.DataFrame]) -> Path:
+    """The figures and the HTML page under `root`; returns the page's path."""
     fig_dir = root / cfg.paths.figures
-    for name, fig in make_figures(cfg, root).items():
+    for name, fig in make_figures(cfg, root, metrics, tables).items():
         save_figure(fig, fig_dir / name)
-    metrics_path = root / cfg.paths.metrics
-    if not metrics_path.is_file():
-        raise UserError(f"{metrics_path}: not found; run the evaluate stage first (`dvc repro`)")
-    metrics = json.loads(metrics_path.read_text())
     info_path = root / cfg.paths.train_info
     info = json.loads(info_path.read_text()) if info_path.is_file() else {}
-    cal = root / cfg.paths.calibration
-    images = [
-        (fig_dir / "data.png", "training data coloured by class (circles: test points)"),
-        (fig_dir / "training_curves.png", "training curves"),
-        (
-            cal / "reliability.png",
-            "reliability diagram and confidence histogram, before and after temperature scaling",
-        ),
-        (cal / "classwise.png", "per-class reliability curves"),
-        (fig_dir / "confusion.png", "confusion matrix on the test split"),
-        (fig_dir / "landscape.png", "confidence landscape over the input plane"),
-    ]
+    images = [(fig_dir / name, caption) for name, caption in CAPTIONS.items()]
     report_path = root / cfg.paths.report
-    write_text(report_path, render(cfg, metrics, info, images))
-    if tracker:
-        tracker.log_artifacts(run_id, [fig_dir], "figures")
-        tracker.log_artifacts(run_id, [report_path])
+    write_text(report_path, render(cfg, evaluate.dvc_metrics(metrics), info, images))
     return report_path
+
+
+def record_evaluation(tracker, run_id: str, cfg: Config, root: Path, metrics: dict[str, float]) -> None:
+    tracker.log_metrics(run_id, metrics)
+    tracker.log_artifacts(run_id, [root / cfg.paths.calibration], "calibration")
+
+
+def record_report(tracker, run_id: str, cfg: Config, root: Path) -> None:
+    tracker.log_artifacts(run_id, [root / cfg.paths.figures], "figures")
+    tracker.log_artifacts(run_id, [root / cfg.paths.report])
+
+
+def run(cfg: Config, root: Path, tracker=None, run_id: str | None = None) -> Path:
+    """Record evaluate's results in the run (first: they count even if drawing fails), draw
+    the figures and the HTML page under `root`, and log those too."""
+    metrics, tables = evaluate.read(cfg, root)
+    if tracker:
+        record_evaluation(tracker, run_id, cfg, root, metrics)
+    report_path = draw(cfg, root, metrics, tables)
+    if tracker:
+        record_report(tracker, run_id, cfg, root)
+    return report_path
+
+
+def train_info(cfg: Config, root: Path = Path(".")) -> dict:
+    path = root / cfg.paths.train_info
+    if not path.is_file():
+        raise UserError(f"{path}: not found; run the train stage first (`dvc repro`)")
+    return json.loads(path.read_text())
 
 
 @entry_point
 def main() -> None:
+    """run(), with the drawing in a second process: matplotlib and MLflow each take seconds
+    to import, and on two cores the figures are drawn while this process imports MLflow and
+    records the metrics."""
+    import multiprocessing
+    import signal
+    from concurrent.futures import ProcessPoolExecutor
+
     from softmaxlab import tracking
-    from softmaxlab.evaluate import train_info
 
     cfg = load_params()
-    tracker, run_id = tracking.reopen(cfg, train_info(cfg))
-    path = run(cfg, Path("."), tracker, run_id)
+    root = Path(".")
+    info = train_info(cfg)
+    metrics, tables = evaluate.read(cfg, root)
+    # fork where there is one: nothing heavy is imported yet (no TensorFlow, no MLflow), and
+    # the child needs nothing re-imported. Elsewhere spawn, which costs a fresh interpreter.
+    method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
+    # The drawing process ignores Ctrl-C: this one answers it, after the figure being saved
+    # (atomically) is done.
+    ignore_sigint = (signal.SIGINT, signal.SIG_IGN)
+    with ProcessPoolExecutor(
+        1, mp_context=multiprocessing.get_context(method), initializer=signal.signal, initargs=ignore_sigint
+    ) as pool:
+        drawn = pool.submit(draw, cfg, root, metrics, tables)
+        tracker, run_id = tracking.reopen(cfg, info)
+        if tracker:
+            record_evaluation(tracker, run_id, cfg, root, metrics)
+        path = drawn.result()
+    if tracker:
+        record_report(tracker, run_id, cfg, root)
     print(f"report: {path}")
 
 

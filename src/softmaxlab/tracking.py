@@ -281,6 +281,27 @@ def ensure_experiment(uri: str, name: str) -> str:
         return exp.experiment_id
 
 
+def prepare_store(cfg: Config) -> subprocess.Popen | None:
+    """Start creating a new local sqlite store in a background process, or None if there is
+    nothing to create.
+
+    A new store costs seconds of MLflow's schema migrations. The train stage starts this
+    before importing TensorFlow, so the two run side by side on two cores; connect() then
+    finds the store ready (and reports any error itself). The process has its own session:
+    Ctrl-C in the terminal does not cut a migration in half.
+    """
+    if not cfg.tracking.enabled:
+        return None
+    uri = resolve_uri(cfg)
+    if not uri.startswith("sqlite:///") or Path(uri.removeprefix("sqlite:///")).exists():
+        return None
+    code = "import sys; from softmaxlab.tracking import ensure_experiment; ensure_experiment(*sys.argv[1:])"
+    return subprocess.Popen(
+        [sys.executable, "-c", code, uri, cfg.tracking.experiment],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )  # fmt: skip
+
+
 @contextlib.contextmanager
 def maybe_run(tracker: Tracker | None, cfg: Config, **kwargs) -> Iterator[str | None]:
     if tracker is None:

@@ -352,6 +352,10 @@ def main() -> None:
 
     cfg = load_params()
     data = load_data(cfg, Path("."))  # bad data is refused before any MLflow run exists
+    preparing = tracking.prepare_store(cfg)
+    _tf()
+    if preparing:
+        preparing.wait()
     tracker = tracking.connect(cfg)
     with tracking.maybe_run(tracker, cfg) as run_id:
         result = run(cfg, Path("."), tracker, run_id, data)
