@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import itertools
 import json
 import os
 import platform
@@ -670,6 +671,10 @@ def main(argv: list[str] | None = None) -> int:
 
     args.out.mkdir(parents=True, exist_ok=True)
     stem = args.out / f"{info['hostname']}-{info['date'][:10]}"
+    for n in itertools.count(2):  # a second bench on the same day keeps the first one's files
+        if not Path(f"{stem}.json").exists():
+            break
+        stem = args.out / f"{info['hostname']}-{info['date'][:10]}-{n}"
     write_results(stem, info, raw, args)
     return 0
 
