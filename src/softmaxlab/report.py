@@ -161,13 +161,14 @@ CAPTIONS = {
 }
 
 
-def draw(cfg: Config, root: Path, metrics: dict[str, float], tables: dict[str, pd.DataFrame]) -> Path:
-    """The figures and the HTML page under `root`; returns the page's path."""
+def draw(
+    cfg: Config, root: Path, metrics: dict[str, float], tables: dict[str, pd.DataFrame], info: dict
+) -> Path:
+    """The figures and the HTML page under `root` (`info`: the train stage's train.json);
+    returns the page's path."""
     fig_dir = root / cfg.paths.figures
     for name, fig in make_figures(cfg, root, metrics, tables).items():
         save_figure(fig, fig_dir / name)
-    info_path = root / cfg.paths.train_info
-    info = json.loads(info_path.read_text()) if info_path.is_file() else {}
     images = [(fig_dir / name, caption) for name, caption in CAPTIONS.items()]
     report_path = root / cfg.paths.report
     write_text(report_path, render(cfg, evaluate.dvc_metrics(metrics), info, images))
@@ -190,7 +191,9 @@ def run(cfg: Config, root: Path, tracker=None, run_id: str | None = None) -> Pat
     metrics, tables = evaluate.read(cfg, root)
     if tracker:
         record_evaluation(tracker, run_id, cfg, root, metrics)
-    report_path = draw(cfg, root, metrics, tables)
+    info_path = root / cfg.paths.train_info
+    info = json.loads(info_path.read_text()) if info_path.is_file() else {}
+    report_path = draw(cfg, root, metrics, tables, info)
     if tracker:
         record_report(tracker, run_id, cfg, root)
     return report_path
@@ -227,7 +230,7 @@ def main() -> None:
     with ProcessPoolExecutor(
         1, mp_context=multiprocessing.get_context(method), initializer=signal.signal, initargs=ignore_sigint
     ) as pool:
-        drawn = pool.submit(draw, cfg, root, metrics, tables)
+        drawn = pool.submit(draw, cfg, root, metrics, tables, info)
         tracker, run_id = tracking.reopen(cfg, info)
         if tracker:
             record_evaluation(tracker, run_id, cfg, root, metrics)
