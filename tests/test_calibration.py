@@ -210,7 +210,7 @@ def loop_metrics(p, y, idx, n_bins):
 def test_bootstrap_vectorised_equals_loop():
     p, y = random_case(n=120, k=3, seed=5)
     idx = np.random.default_rng(1).integers(0, len(y), size=(200, len(y)))
-    fast = cal._resampled_metrics(p, y, idx, n_bins=10)
+    fast = cal._resampled_metrics(cal._draw_counts(idx, len(y)), cal._sample_terms(p, y, n_bins=10))
     slow = loop_metrics(p, y, idx, n_bins=10)
     assert fast.keys() == slow.keys()
     for name in slow:  # a weighted sum, not a mean of gathered values: equal to rounding
@@ -235,6 +235,18 @@ def test_bootstrap_deterministic_and_covers_the_estimate():
     for name, (lo, hi) in first.items():
         assert lo < point[name] < hi, name
         assert all(isinstance(v, float) for v in (lo, hi))
+
+
+def test_paired_bootstrap_gives_each_array_its_own_intervals_from_shared_draws():
+    p, y = random_case(n=300, k=4, seed=9)
+    q = cal.softmax(np.log(p), 0.7)  # the same predictions, sharpened
+    both = cal.paired_bootstrap_ci([p, q], y, n_bins=10, n_resamples=250, seed=5)
+    assert both == [cal.bootstrap_ci(x, y, n_bins=10, n_resamples=250, seed=5) for x in (p, q)]
+    assert both[0] != both[1]
+    paired = cal.summarize_paired([p, q], y, n_bins=10, n_resamples=250, seed=5, prefix="test_")
+    assert paired == [cal.summarize(x, y, n_bins=10, n_resamples=250, seed=5, prefix="test_") for x in (p, q)]
+    with pytest.raises(CalibrationInputError, match=r"labels have shape \(300,\), expected \(299,\)"):
+        cal.paired_bootstrap_ci([p, q[:-1]], y)
 
 
 # -- temperature scaling -------------------------------------------------------------------

@@ -225,22 +225,24 @@ def classwise_reliability(probs, labels, n_bins: int = 15) -> pd.DataFrame:
 _BOOTSTRAP_CHUNK = 4_000_000  # index-matrix elements per chunk
 
 
-def _resampled_metrics(p: np.ndarray, y: np.ndarray, idx: np.ndarray, n_bins: int, terms=None):
-    """accuracy, ece, brier and nll of each resample p[idx[r]], y[idx[r]], without a loop.
+def _draw_counts(idx: np.ndarray, m: int) -> np.ndarray:
+    """(resamples, m) float64: how often each of m samples is drawn in each row of idx."""
+    n_resamples = idx.shape[0]
+    rows = (np.arange(n_resamples)[:, None] * m + idx).ravel()
+    return np.bincount(rows, minlength=n_resamples * m).reshape(n_resamples, m).astype(np.float64)
+
+
+def _resampled_metrics(counts: np.ndarray, terms: np.ndarray) -> dict[str, np.ndarray]:
+    """accuracy, ece, brier and nll of each resample, from how often it draws each sample
+    (`_draw_counts`) and the per-sample terms (`_sample_terms`), without a loop.
 
     A resample only changes how often each sample counts, so every metric is a weighted sum
     of per-sample terms: one matrix product of the draw counts (resamples x samples) with
     the terms (samples x [hit, brier, nll, (confidence - hit) in bin b for each b]). That
     reads each sample once per resample, not once per draw per metric: bootstrap_ci at
-    250,000 test samples took half the time of gathering through idx. `terms`:
-    `_sample_terms(p, y, n_bins)`, computed once for all chunks of resamples.
+    250,000 test samples took half the time of gathering through the indices.
     """
-    n_resamples, n = idx.shape
-    m = len(y)
-    terms = _sample_terms(p, y, n_bins) if terms is None else terms
-    rows = (np.arange(n_resamples)[:, None] * m + idx).ravel()
-    counts = np.bincount(rows, minlength=n_resamples * m).reshape(n_resamples, m).astype(np.float64)
-    sums = counts @ terms / n
+    sums = counts @ terms / counts.shape[1]  # a resample draws as many as there are samples
     return {
         "accuracy": sums[:, 0],
         "ece": np.abs(sums[:, 3:]).sum(axis=1),
@@ -265,23 +267,37 @@ def bootstrap_ci(
     rows so the index matrix stays near 32 MB however large n is (one (1000, 250000) matrix
     would be 2 GB); the metrics of each resample equal the scalar functions' on it.
     """
-    p, y = check_inputs(probs, labels)
+    return paired_bootstrap_ci([probs], labels, n_bins, n_resamples, ci, seed)[0]
+
+
+def paired_bootstrap_ci(
+    probs_list, labels, n_bins: int = 15, n_resamples: int = 1000, ci: float = 0.95, seed: int = 0
+) -> list[dict[str, tuple[float, float]]]:
+    """bootstrap_ci of several probability arrays for the same labels (a model's before and
+    after temperature scaling), all on one set of resamples. Drawing and counting the
+    resamples is most of the cost, so two arrays cost little more than one; and each
+    array's intervals are exactly what bootstrap_ci gives it alone (same seed, same draws).
+    """
+    checked = [check_inputs(probs, labels) for probs in probs_list]
     if n_resamples < 1 or not 0 < ci < 1:
         raise ValueError(f"need n_resamples >= 1 and 0 < ci < 1, got {n_resamples} and {ci}")
+    m = len(checked[0][1])
     rng = np.random.default_rng(seed)
-    chunk = max(1, _BOOTSTRAP_CHUNK // len(y))
-    terms = _sample_terms(p, y, n_bins)
-    parts = [
-        _resampled_metrics(
-            p, y, rng.integers(0, len(y), size=(min(chunk, n_resamples - start), len(y))), n_bins, terms
-        )
-        for start in range(0, n_resamples, chunk)
-    ]
+    chunk = max(1, _BOOTSTRAP_CHUNK // m)
+    terms = [_sample_terms(p, y, n_bins) for p, y in checked]
+    parts: list[list[dict[str, np.ndarray]]] = [[] for _ in terms]
+    for start in range(0, n_resamples, chunk):
+        counts = _draw_counts(rng.integers(0, m, size=(min(chunk, n_resamples - start), m)), m)
+        for part, t in zip(parts, terms, strict=True):
+            part.append(_resampled_metrics(counts, t))
     q = [(1 - ci) / 2 * 100, (1 + ci) / 2 * 100]
-    return {
-        name: tuple(float(v) for v in np.percentile(np.concatenate([part[name] for part in parts]), q))
-        for name in parts[0]
-    }
+    return [
+        {
+            name: tuple(float(v) for v in np.percentile(np.concatenate([c[name] for c in part]), q))
+            for name in part[0]
+        }
+        for part in parts
+    ]
 
 
 # -- temperature scaling -------------------------------------------------------------------
@@ -319,17 +335,30 @@ def summarize(
 ) -> dict[str, float]:
     """Every metric as a flat dict of floats, plus `_ci_low` / `_ci_high` for accuracy, ECE,
     Brier and NLL unless n_resamples is 0."""
-    p, y = check_inputs(probs, labels)
-    out = {
-        "accuracy": accuracy(p, y),
-        "nll": nll(p, y),
-        "brier": brier(p, y),
-        "ece": ece(p, y, n_bins),
-        "mce": mce(p, y, n_bins),
-        "ece_adaptive": adaptive_ece(p, y, n_bins),
-        "ece_classwise": classwise_ece(p, y, n_bins),
-    }
+    return summarize_paired([probs], labels, n_bins, n_resamples, ci, seed, prefix)[0]
+
+
+def summarize_paired(
+    probs_list, labels, n_bins=15, n_resamples=1000, ci=0.95, seed=0, prefix=""
+) -> list[dict[str, float]]:
+    """summarize() of each probability array for the same labels, with the intervals of
+    paired_bootstrap_ci (arguments as summarize's)."""
+    checked = [check_inputs(probs, labels) for probs in probs_list]
+    outs = [
+        {
+            "accuracy": accuracy(p, y),
+            "nll": nll(p, y),
+            "brier": brier(p, y),
+            "ece": ece(p, y, n_bins),
+            "mce": mce(p, y, n_bins),
+            "ece_adaptive": adaptive_ece(p, y, n_bins),
+            "ece_classwise": classwise_ece(p, y, n_bins),
+        }
+        for p, y in checked
+    ]
     if n_resamples > 0:
-        for name, (lo, hi) in bootstrap_ci(p, y, n_bins, n_resamples, ci, seed).items():
-            out[f"{name}_ci_low"], out[f"{name}_ci_high"] = lo, hi
-    return {f"{prefix}{k}": float(v) for k, v in out.items()}
+        intervals = paired_bootstrap_ci([p for p, _ in checked], checked[0][1], n_bins, n_resamples, ci, seed)
+        for out, interval in zip(outs, intervals, strict=True):
+            for name, (lo, hi) in interval.items():
+                out[f"{name}_ci_low"], out[f"{name}_ci_high"] = lo, hi
+    return [{f"{prefix}{k}": float(v) for k, v in out.items()} for out in outs]
