@@ -47,6 +47,19 @@ def test_stages_do_not_import_what_they_do_not_use(stage, absent):
     assert out.stdout.strip() == "[]"
 
 
+@pytest.mark.slow
+def test_train_stage_loads_keras_without_sklearn_and_leaves_sklearn_importable():
+    # keras would import scikit-learn and SciPy's stats (~1.4 s) for wrappers we never use.
+    code = (
+        "import sys; from softmaxlab import train; train._tf(); import keras;"
+        "hidden = 'sklearn' not in sys.modules and 'scipy.stats' not in sys.modules;"
+        "from sklearn.datasets import make_blobs; make_blobs(n_samples=4, random_state=0);"
+        "print(hidden, keras.layers.Dense(2)(keras.ops.ones((1, 3))).shape)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "True (1, 2)"
+
+
 def test_metrics_json_has_the_dvc_keys_and_agrees_with_predictions(trained):
     cfg, root = trained["cfg"], trained["root"]
     metrics = json.loads((root / cfg.paths.metrics).read_text())

@@ -79,6 +79,25 @@ def _native_stderr_hushed(enabled: bool):
                 sys.stderr.write(held.read().decode(errors="replace"))
 
 
+@contextlib.contextmanager
+def _sklearn_hidden():
+    """keras imports scikit-learn, and through it SciPy's stats, only to offer its SKLearn*
+    wrappers, which this project does not use: about 1.4 s of the train stage's start-up.
+    keras supports running without scikit-learn (it guards that import), so while keras
+    loads, `import sklearn` fails as if it were not installed; afterwards it works again.
+    Where scikit-learn is already loaded (the Hydra app generates the data first), nothing
+    is hidden."""
+    if "sklearn" in sys.modules:
+        yield
+        return
+    sys.modules["sklearn"] = None  # the import system's "known to be missing"
+    try:
+        yield
+    finally:
+        if sys.modules.get("sklearn", 0) is None:
+            del sys.modules["sklearn"]
+
+
 @functools.cache
 def _tf():
     # TensorFlow's start-up chatter ("could not find cuda drivers", "failed call to cuInit"
@@ -87,7 +106,7 @@ def _tf():
     quiet = "TF_CPP_MIN_LOG_LEVEL" not in os.environ and not debug()
     if quiet:
         os.environ["TF_CPP_MIN_LOG_LEVEL"] = "3"
-    with _native_stderr_hushed(quiet):
+    with _native_stderr_hushed(quiet), _sklearn_hidden():
         import keras
         import tensorflow as tf
 
