@@ -139,6 +139,20 @@ def delete(path: Path):
     path.unlink()
 
 
+def edit_output(rel: str, fn):
+    """A file a stage wrote, damaged or edited by hand before the next stage reads it."""
+
+    def apply(project: Path):
+        fn(project / rel)
+
+    return apply
+
+
+def drop_logits(path: Path):
+    df = _frame(path)
+    df.drop(columns=[c for c in df.columns if c.startswith("logit")]).to_parquet(path, index=False)
+
+
 @dataclass
 class Case:
     id: str
@@ -153,7 +167,11 @@ class Case:
 DVC = ["dvc", "repro"]
 TRAIN = [sys.executable, "-m", "softmaxlab.train"]
 APP = [sys.executable, "-m", "softmaxlab", "hydra.run.dir=hydra_out"]
+EVALUATE = [sys.executable, "-m", "softmaxlab.evaluate"]
+REPORT = [sys.executable, "-m", "softmaxlab.report"]
 SPLIT = {"data/train.parquet"}
+GRID, TEST_PRED = "predictions/grid.parquet", "predictions/test.parquet"
+METRICS = "reports/calibration/metrics.json"
 
 CASES = [
     # params.yaml edited by hand, then `dvc repro`
@@ -252,6 +270,28 @@ CASES = [
     Case("float-labels", edit_split(float_labels), TRAIN, ["label", "dtype"], changed=SPLIT),
     Case("one-row", edit_split(tiny_split), TRAIN, ["1 rows", "validation"], changed=SPLIT),
     Case("no-data", edit_split(delete), TRAIN, ["train.parquet", "not found"], changed=SPLIT),
+    # a stage's own outputs damaged or edited by hand, then the stage that reads them
+    Case(
+        "grid-damaged",
+        edit_output(GRID, truncate),
+        REPORT,
+        ["grid.parquet", "not a readable Parquet file", "dvc repro -f -s train"],
+        changed={GRID},
+    ),
+    Case(
+        "predictions-columns",
+        edit_output(TEST_PRED, drop_logits),
+        EVALUATE,
+        ["test.parquet", "columns are", "logit0"],
+        changed={TEST_PRED},
+    ),
+    Case(
+        "metrics-damaged",
+        edit_output(METRICS, garbage),
+        REPORT,
+        ["metrics.json", "not a readable JSON file", "dvc repro -f -s evaluate"],
+        changed={METRICS},
+    ),
     # environment
     Case(
         "bad-uri-scheme",

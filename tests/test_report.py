@@ -69,15 +69,15 @@ def test_report_renders_in_headless_chromium(trained, tmp_path):
 def test_evaluation_is_recorded_in_the_run_even_when_drawing_fails(trained, tmp_path):
     # report records evaluate's metrics and tables before it draws anything: a figure that
     # cannot be drawn must not cost the run its test metrics.
-    import pyarrow as pa
-
     from softmaxlab import report
+    from softmaxlab.errors import UserError
 
     cfg, tracker = trained["cfg"], trained["tracker"]
     root = tmp_path / "run"
     shutil.copytree(trained["root"], root)
     (root / cfg.paths.predictions / "grid.parquet").write_bytes(b"not a parquet file")
-    with pytest.raises(pa.ArrowInvalid), tracker.run(cfg, run_name="drawing-fails") as run_id:
+    damaged = pytest.raises(UserError, match="grid.parquet: not a readable Parquet file")
+    with damaged, tracker.run(cfg, run_name="drawing-fails") as run_id:
         report.run(cfg, root, tracker, run_id)
     run = tracker.client.get_run(run_id)
     assert run.info.status == "FAILED"

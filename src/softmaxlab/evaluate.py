@@ -9,7 +9,6 @@ process starts in about a second instead of paying MLflow's and matplotlib's imp
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,8 +17,8 @@ import pandas as pd
 
 from softmaxlab import calibration
 from softmaxlab.config import Config, EvaluateConfig, load_params
-from softmaxlab.errors import UserError, entry_point
-from softmaxlab.io import read_predictions, write_json, write_table
+from softmaxlab.errors import entry_point
+from softmaxlab.io import read_json, read_output, read_predictions, write_json, write_table
 
 Split = tuple[np.ndarray, np.ndarray, np.ndarray]  # logits, probs, labels
 # Every metric evaluate computed, at full precision and under the names MLflow records,
@@ -93,10 +92,9 @@ def run(cfg: Config, root: Path) -> EvalResult:
 def read(cfg: Config, root: Path) -> tuple[dict[str, float], dict[str, pd.DataFrame]]:
     """What run() wrote: the full metrics and the reliability tables."""
     out = root / cfg.paths.calibration
-    path = out / METRICS_FILE
-    if not path.is_file():
-        raise UserError(f"{path}: not found; run the evaluate stage first (`dvc repro`)")
-    return json.loads(path.read_text()), {name: pd.read_csv(out / f"{name}.csv") for name in TABLES}
+    metrics = read_output(out / METRICS_FILE, read_json, "metrics", "evaluate")
+    tables = {name: read_output(out / f"{name}.csv", pd.read_csv, "table", "evaluate") for name in TABLES}
+    return metrics, tables
 
 
 @entry_point

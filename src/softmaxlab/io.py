@@ -11,8 +11,9 @@ import hashlib
 import json
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -48,6 +49,26 @@ def write_json(path: str | os.PathLike, obj: object) -> None:
     write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
 
+def read_json(path: str | os.PathLike) -> Any:
+    return json.loads(Path(path).read_text(encoding="utf-8"))
+
+
+def read_output(path: str | os.PathLike, read: Callable[[Path], Any], what: str, stage: str) -> Any:
+    """read(path) for a file a stage writes, or a one-line UserError naming the file and the
+    stage that makes it: missing (that stage has not run) or unreadable (damaged by hand)."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: {what} not found; run the {stage} stage first (`dvc repro`)")
+    try:
+        return read(path)
+    except Exception as err:  # pyarrow, pandas and json raise many classes for damaged files
+        kind = {".parquet": "Parquet", ".csv": "CSV", ".json": "JSON"}.get(path.suffix, "")
+        raise UserError(
+            f"{path}: not a readable {kind} file ({type(err).__name__}); "
+            f"re-create it with `dvc repro -f -s {stage}`"
+        ) from err
+
+
 def write_table(path: str | os.PathLike, df: pd.DataFrame) -> None:
     path = Path(path)
     with atomic_path(path) as tmp:
@@ -80,12 +101,7 @@ def read_split(path: str | os.PathLike, n_classes: int | None = None) -> pd.Data
     """Read a data split and refuse anything but columns x1, x2 (finite floats), label (ints
     in [0, n_classes)), at least one row."""
     path = Path(path)
-    if not path.is_file():
-        raise UserError(f"{path}: data file not found; run the generate stage first (`dvc repro`)")
-    try:
-        df = pd.read_parquet(path)
-    except Exception as err:  # pyarrow raises several classes for truncated/garbled files
-        raise UserError(f"{path}: not a readable Parquet file ({type(err).__name__}); regenerate it") from err
+    df = read_output(path, pd.read_parquet, "data file", "generate")
     expected = [*FEATURES, "label"]
     if list(df.columns) != expected:
         raise UserError(f"{path}: columns are {list(df.columns)}, expected {expected}")
@@ -135,13 +151,27 @@ def predictions_frame(logits: np.ndarray, probs: np.ndarray, labels: np.ndarray)
 
 def read_predictions(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(logits, probs, labels) from a predictions file written by the train stage."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"{path}: predictions not found; run the train stage first (`dvc repro`)")
-    df = pd.read_parquet(path)
+    df = read_output(path, pd.read_parquet, "predictions", "train")
     k = n_classes_of(df)
+    _require_columns(path, df, [*prob_columns(k), *logit_columns(k), "label"], k)
     return (
         df[logit_columns(k)].to_numpy(np.float64),
         df[prob_columns(k)].to_numpy(np.float64),
         df["label"].to_numpy(np.int64),
     )
+
+
+def read_grid(path: str | os.PathLike) -> pd.DataFrame:
+    """The train stage's predictions over a grid of the input plane: x1, x2, p0..p{k-1}."""
+    df = read_output(path, pd.read_parquet, "grid predictions", "train")
+    k = n_classes_of(df)
+    _require_columns(path, df, [*FEATURES, *prob_columns(k)], k)
+    return df
+
+
+def _require_columns(path, df: pd.DataFrame, expected: list[str], k: int) -> None:
+    if k < 2 or not set(expected) <= set(df.columns):
+        raise UserError(
+            f"{path}: columns are {list(df.columns)}, expected {expected if k >= 2 else 'p0, p1, ...'}; "
+            "re-create it with `dvc repro -f -s train`"
+        )

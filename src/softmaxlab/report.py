@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import base64
 import html
-import json
 from pathlib import Path
 
 import numpy as np
@@ -19,8 +18,16 @@ import pandas as pd
 
 from softmaxlab import evaluate
 from softmaxlab.config import Config, as_dict, load_params
-from softmaxlab.errors import UserError, entry_point
-from softmaxlab.io import read_predictions, read_split, save_figure, write_text
+from softmaxlab.errors import entry_point
+from softmaxlab.io import (
+    read_grid,
+    read_json,
+    read_output,
+    read_predictions,
+    read_split,
+    save_figure,
+    write_text,
+)
 
 METRIC_ROWS = [
     ("accuracy", "accuracy", "higher is better"),
@@ -45,9 +52,9 @@ def make_figures(cfg: Config, root: Path, metrics: dict[str, float], tables: dic
     k = len(cfg.data.centers)
     train = read_split(root / cfg.paths.train_data, k)
     test = read_split(root / cfg.paths.test_data, k)
-    history = pd.read_csv(root / cfg.paths.history)
+    history = read_output(root / cfg.paths.history, pd.read_csv, "training history", "train")
     _, probs, labels = read_predictions(root / cfg.paths.predictions / "test.parquet")
-    grid = pd.read_parquet(root / cfg.paths.predictions / "grid.parquet")
+    grid = read_grid(root / cfg.paths.predictions / "grid.parquet")
     acc = float(np.mean(probs.argmax(axis=1) == labels))
     last = history.iloc[-1]
     m, pct = metrics, f"{cfg.evaluate.ci:.0%} CI"
@@ -192,7 +199,7 @@ def run(cfg: Config, root: Path, tracker=None, run_id: str | None = None) -> Pat
     if tracker:
         record_evaluation(tracker, run_id, cfg, root, metrics)
     info_path = root / cfg.paths.train_info
-    info = json.loads(info_path.read_text()) if info_path.is_file() else {}
+    info = train_info(cfg, root) if info_path.is_file() else {}
     report_path = draw(cfg, root, metrics, tables, info)
     if tracker:
         record_report(tracker, run_id, cfg, root)
@@ -200,10 +207,7 @@ def run(cfg: Config, root: Path, tracker=None, run_id: str | None = None) -> Pat
 
 
 def train_info(cfg: Config, root: Path = Path(".")) -> dict:
-    path = root / cfg.paths.train_info
-    if not path.is_file():
-        raise UserError(f"{path}: not found; run the train stage first (`dvc repro`)")
-    return json.loads(path.read_text())
+    return read_output(root / cfg.paths.train_info, read_json, "training record", "train")
 
 
 @entry_point
