@@ -82,7 +82,7 @@ def _native_stderr_hushed(enabled: bool):
 @contextlib.contextmanager
 def _sklearn_hidden():
     """keras imports scikit-learn, and through it SciPy's stats, only to offer its SKLearn*
-    wrappers, which this project does not use: about 1.4 s of the train stage's start-up.
+    wrappers, which this project does not use: 1-1.4 s of the train stage's start-up here.
     keras supports running without scikit-learn (it guards that import), so while keras
     loads, `import sklearn` fails as if it were not installed; afterwards it works again.
     Where scikit-learn is already loaded (the Hydra app generates the data first), nothing
