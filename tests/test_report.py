@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import subprocess
@@ -12,6 +13,8 @@ import pytest
 from softmaxlab.report import METRIC_ROWS
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+# In CI a missing browser is a failure, not a skip (.ci/run installs it).
+IN_CI = os.environ.get("CI", "").lower() == "true"
 
 
 def test_report_embeds_every_figure_and_references_nothing_outside(trained):
@@ -42,9 +45,11 @@ def test_report_states_the_key_numbers(trained):
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(CHROMIUM is None, reason="needs Debian's chromium (.ci/run installs it)")
+@pytest.mark.skipif(CHROMIUM is None and not IN_CI, reason="needs Debian's chromium (.ci/run installs it)")
 def test_report_renders_in_headless_chromium(trained, tmp_path):
     from matplotlib.image import imread
+
+    assert CHROMIUM, "CI=true but chromium is not installed (apt-get install -y chromium)"
 
     report = trained["root"] / trained["cfg"].paths.report
     shot = tmp_path / "report.png"
