@@ -46,10 +46,9 @@ lint: setup
 params: setup
 	$(BIN)/python -m softmaxlab.config
 
-## ui: MLflow's UI on http://127.0.0.1:5000 (local only)
+## ui: MLflow's UI on http://127.0.0.1:5000 (local only); prints the runs table's link once it answers
 ui: setup
-	$(BIN)/python -m softmaxlab.tracking
-	$(BIN)/mlflow ui --host 127.0.0.1 --port 5000 --backend-store-uri sqlite:///$(CURDIR)/mlflow.db
+	@$(BIN)/python -m softmaxlab ui
 
 ## lock: re-pin every dependency to what is installed now
 lock:

@@ -166,11 +166,12 @@ def _hydra_main() -> None:
 
 def cli() -> None:
     args = sys.argv[1:]
-    if args and args[0] in ("summarize", "sync"):
-        from softmaxlab import sweep, sync
+    if args and args[0] in ("summarize", "sync", "ui"):
+        from softmaxlab import sweep, sync, ui
 
+        commands = {"summarize": sweep.summarize_cli, "sync": sync.sync_cli, "ui": ui.ui_cli}
         try:
-            (sweep.summarize_cli if args[0] == "summarize" else sync.sync_cli)(args[1:])
+            commands[args[0]](args[1:])
         except UserError as err:
             fail(str(err))
         return

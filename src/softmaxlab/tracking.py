@@ -332,7 +332,7 @@ def reopen(cfg: Config, train_info: dict) -> tuple[Tracker | None, str | None]:
 
 
 def main() -> None:
-    """Print where the runs are and the link to `mlflow ui`'s runs table (`make run`, `make ui`)."""
+    """Print where the runs are and how to look at them (the end of `make run`)."""
     from softmaxlab.config import load_params
     from softmaxlab.errors import fail
 
@@ -344,8 +344,8 @@ def main() -> None:
     if tracker is None:
         print("tracking is off (tracking.enabled: false)")
         return
-    print(f"MLflow store: {tracker.uri}")
-    print(f"Look at the runs: `make ui`, then open {runs_table_url(tracker.experiment_id)}")
+    print(f"MLflow store: {redact(tracker.uri)}")
+    print("Look at the runs: `make ui` (it prints the link to the runs table once the UI answers)")
 
 
 if __name__ == "__main__":

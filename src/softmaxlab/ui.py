@@ -1,0 +1,94 @@
+"""`softmaxlab ui [PORT]` (`make ui`): MLflow's UI on 127.0.0.1, and the runs table's link
+once it answers.
+
+`mlflow ui` takes seconds to start and prints its own start-up chatter (and, with the pinned
+Starlette, four deprecation warnings from MLflow's imports). Here the server's output goes to
+outputs/mlflow-ui.log; the terminal gets "starting…", then the link once /health answers,
+or the log's last lines if the server gave up.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+from softmaxlab.errors import UserError
+
+HOST = "127.0.0.1"
+DEFAULT_PORT = 5000
+# MLflow's fastapi app imports starlette.middleware.wsgi, which this Starlette deprecates:
+# not ours to fix, and nothing a user can act on.
+HIDE_WARNINGS = "ignore:starlette.middleware.wsgi is deprecated"
+
+
+def _answers(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=2) as r:
+            return r.status == 200
+    except Exception:  # refused while starting, or a timeout: not up yet
+        return False
+
+
+def _last_line(log: Path) -> str:
+    lines = [s.strip() for s in log.read_text().splitlines() if s.strip()]
+    return f"{lines[-1] if lines else 'no output'} (full log: {log})"
+
+
+def serve(port: int = DEFAULT_PORT, log: Path | None = None) -> int:
+    """Start `mlflow ui` on the project's store, print the link once it answers, and wait
+    for it (Ctrl-C stops it). Returns the server's exit code."""
+    from softmaxlab import tracking
+    from softmaxlab.config import load_params, project_root
+
+    root = project_root()
+    cfg = load_params(root / "params.yaml")
+    store = f"sqlite:///{root / 'mlflow.db'}"
+    log = log or root / "outputs" / "mlflow-ui.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    mlflow_bin = Path(sys.executable).with_name("mlflow")
+    cmd = [str(mlflow_bin), "ui", "--host", HOST, "--port", str(port), "--workers", "1",
+           "--backend-store-uri", store]  # fmt: skip
+    env = {**os.environ, "PYTHONWARNINGS": HIDE_WARNINGS}
+    print(f"MLflow UI: starting on http://{HOST}:{port} … (server log: {log})", flush=True)
+    import mlflow  # noqa: F401  (configures MLflow's loggers, which the next line overrides)
+
+    # A fresh store's "Creating initial MLflow database tables" lines say nothing useful here.
+    logging.getLogger("mlflow").setLevel(logging.WARNING)
+    # The experiment must exist for the link to name it; a fresh clone has no store yet.
+    experiment_id = tracking.ensure_experiment(store, cfg.tracking.experiment)
+    with open(log, "w") as out:
+        server = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=root)
+    try:
+        while not _answers(f"http://{HOST}:{port}/health"):
+            if server.poll() is not None:
+                raise UserError(
+                    f"mlflow ui stopped (exit code {server.returncode}) before answering: {_last_line(log)}"
+                )
+            time.sleep(0.5)
+        if server.poll() is not None:  # something else answers on that port
+            raise UserError(f"port {port} is taken: {_last_line(log)}; try `softmaxlab ui {port + 1}`")
+        print(
+            f"MLflow UI ready: {tracking.runs_table_url(experiment_id, f'http://{HOST}:{port}')}", flush=True
+        )
+        print("(Ctrl-C stops it)", flush=True)
+        return server.wait()
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        if server.poll() is None:
+            server.terminate()
+            try:
+                server.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                server.kill()
+
+
+def ui_cli(args: list[str]) -> None:
+    if len(args) > 1 or (args and not args[0].isdigit()):
+        raise UserError("usage: softmaxlab ui [PORT]")
+    sys.exit(serve(int(args[0]) if args else DEFAULT_PORT))

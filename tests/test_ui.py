@@ -1,0 +1,59 @@
+"""`make ui` (`softmaxlab ui`): "starting…", then the runs table's link once the UI answers."""
+
+from __future__ import annotations
+
+import re
+import signal
+import socket
+import subprocess
+import sys
+import urllib.request
+
+import pytest
+from conftest import env_with_venv, make_project, tiny_overrides
+
+pytestmark = pytest.mark.slow
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_ui_says_starting_then_prints_the_runs_link_once_it_answers(tmp_path):
+    import mlflow
+
+    project = make_project(tmp_path / "proj", *tiny_overrides())
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "softmaxlab", "ui", str(port)], cwd=project,
+                            env=env_with_venv(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        first = proc.stdout.readline()
+        assert first.startswith(f"MLflow UI: starting on http://127.0.0.1:{port}"), first
+        ready = proc.stdout.readline()
+        # Printed only after the server answered: the link works the moment it appears.
+        match = re.search(
+            rf"http://127\.0\.0\.1:{port}/#/experiments/(\d+)/runs\?workflowType=machine_learning", ready
+        )
+        assert ready.startswith("MLflow UI ready: ") and match, ready
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=10) as r:
+            assert r.status == 200
+        exp = mlflow.tracking.MlflowClient(f"sqlite:///{project / 'mlflow.db'}").get_experiment_by_name(
+            "softmaxlab"
+        )
+        assert match.group(1) == exp.experiment_id
+    finally:
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=60)
+    assert "Look at the runs" not in out + err
+    assert "Traceback" not in err, err
+    log = (project / "outputs" / "mlflow-ui.log").read_text()
+    assert "Uvicorn running" in log and "DeprecationWarning" not in log, log
+
+
+def test_ui_refuses_a_bad_port_argument(tmp_path):
+    project = make_project(tmp_path / "proj")
+    proc = subprocess.run([sys.executable, "-m", "softmaxlab", "ui", "nope"], cwd=project, env=env_with_venv(),
+                          capture_output=True, text=True)  # fmt: skip
+    assert proc.returncode == 2 and proc.stderr.strip() == "softmaxlab: error: usage: softmaxlab ui [PORT]"
