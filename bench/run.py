@@ -54,7 +54,7 @@ from softmaxlab.config import load_params
 from softmaxlab.generate import generate
 from softmaxlab.train import train
 cfg = load_params("params.yaml")
-train_df, test_df = generate(cfg.data, cfg.seed)
+train_df, test_df = generate(cfg.data)
 r = train(cfg, train_df, test_df)
 t = r.predictions["test"]
 k = len(cfg.data.centers)

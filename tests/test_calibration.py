@@ -28,12 +28,18 @@ def top_label(conf, correct):
     return two_class(conf, 1 - np.asarray(correct))  # predicted class 0, so label 0 is right
 
 
-def random_case(n=300, k=4, seed=0, sharpen=2.0):
-    """Over-confident Dirichlet predictions: labels drawn from p, reported as p sharpened."""
+def random_logits(n=300, k=4, seed=0, sharpen=2.0):
+    """Over-confident predictions: labels drawn from softmax(z), reported as z sharpened."""
     rng = np.random.default_rng(seed)
     logits = rng.normal(size=(n, k))
     labels = sample_labels(cal.softmax(logits), rng)
-    return cal.softmax(logits * sharpen), labels
+    return logits * sharpen, labels
+
+
+def random_case(n=300, k=4, seed=0, sharpen=2.0):
+    """random_logits as probabilities."""
+    z, y = random_logits(n, k, seed, sharpen)
+    return cal.softmax(z), y
 
 
 def sample_labels(p, rng):
@@ -81,15 +87,16 @@ def test_single_sample():
     assert cal.brier(p, y) == pytest.approx(2 * 0.7**2)
     for metric in (cal.ece, cal.mce, cal.adaptive_ece, cal.classwise_ece):
         assert metric(p, y) == pytest.approx(0.7), metric.__name__
-    assert cal.bootstrap_ci(p, y, n_resamples=20)["ece"] == pytest.approx((0.7, 0.7))
-    assert cal.summarize(p, y, n_resamples=20)["ece_ci_high"] == pytest.approx(0.7)
+    z = np.log(p)
+    assert cal.bootstrap_ci(z, y, n_resamples=20)["ece"] == pytest.approx((0.7, 0.7))
+    assert cal.summarize(z, y, n_resamples=20)[1]["ece_adaptive"] == pytest.approx((0.7, 0.7))
 
 
 def test_confidence_exactly_one():
     p, y = two_class([1.0, 1.0], [0, 1])  # one certain and right, one certain and wrong
     assert cal.ece(p, y) == pytest.approx(0.5)
     assert cal.mce(p, y) == pytest.approx(0.5)
-    assert cal.nll(p, y) == pytest.approx(-np.log(1e-15) / 2)  # clipped, not inf
+    assert cal.nll(p, y) == np.inf  # not clipped: a certain, wrong prediction costs everything
     assert cal.brier(p, y) == pytest.approx(1.0)  # the wrong row scores the maximum, 2
     table = cal.reliability_table(p, y, n_bins=5)
     assert table["count"].tolist() == [0, 0, 0, 0, 2]
@@ -200,53 +207,77 @@ def test_softmax_is_stable_and_matches_scipy():
 
 
 # -- bootstrap -----------------------------------------------------------------------------
+SCALAR = {
+    "accuracy": cal.accuracy, "nll": cal.nll, "brier": cal.brier, "ece": cal.ece, "mce": cal.mce,
+    "ece_adaptive": cal.adaptive_ece, "ece_classwise": cal.classwise_ece,
+}  # fmt: skip
+
+
 def loop_metrics(p, y, idx, n_bins):
-    metrics = {"accuracy": cal.accuracy, "brier": cal.brier, "nll": cal.nll}
-    out = {name: np.array([f(p[i], y[i]) for i in idx]) for name, f in metrics.items()}
-    out["ece"] = np.array([cal.ece(p[i], y[i], n_bins) for i in idx])
-    return out
+    """Each metric of each resample, by the scalar functions on the resampled arrays."""
+    binned = {"ece", "mce", "ece_adaptive", "ece_classwise"}
+    return {
+        name: np.array([f(p[i], y[i], n_bins) if name in binned else f(p[i], y[i]) for i in idx])
+        for name, f in SCALAR.items()
+    }
 
 
-def test_bootstrap_vectorised_equals_loop():
-    p, y = random_case(n=120, k=3, seed=5)
+def test_bootstrap_vectorised_equals_loop_for_every_metric():
+    z, y = random_logits(n=120, k=3, seed=5)
+    p = cal.softmax(z)
     idx = np.random.default_rng(1).integers(0, len(y), size=(200, len(y)))
-    fast = cal._resampled_metrics(cal._draw_counts(idx, len(y)), cal._sample_terms(p, y, n_bins=10))
+    fast = cal._Terms(p, cal.log_softmax(z), y, n_bins=10).resampled(cal._draw_counts(idx, len(y)))
     slow = loop_metrics(p, y, idx, n_bins=10)
-    assert fast.keys() == slow.keys()
-    for name in slow:  # a weighted sum, not a mean of gathered values: equal to rounding
-        np.testing.assert_allclose(fast[name], slow[name], rtol=1e-12, atol=1e-15, err_msg=name)
+    assert fast.keys() == slow.keys() == set(cal.METRICS)
+    for name in slow:  # weighted sums, not means of gathered values: equal to rounding
+        np.testing.assert_allclose(fast[name], slow[name], rtol=1e-10, atol=1e-14, err_msg=name)
 
 
 def test_bootstrap_ci_is_the_percentile_interval_of_seeded_resamples():
-    p, y = random_case(n=80, k=3, seed=6)
-    got = cal.bootstrap_ci(p, y, n_bins=10, n_resamples=150, ci=0.9, seed=3)
+    z, y = random_logits(n=80, k=3, seed=6)
+    got = cal.bootstrap_ci(z, y, n_bins=10, n_resamples=150, ci=0.9, seed=3)
     idx = np.random.default_rng(3).integers(0, len(y), size=(150, len(y)))
-    for name, values in loop_metrics(p, y, idx, n_bins=10).items():
-        assert got[name] == pytest.approx(tuple(np.percentile(values, [5, 95])), rel=1e-12, abs=1e-15), name
+    for name, values in loop_metrics(cal.softmax(z), y, idx, n_bins=10).items():
+        assert got[name] == pytest.approx(tuple(np.percentile(values, [5, 95])), rel=1e-10, abs=1e-14), name
 
 
 def test_bootstrap_deterministic_and_covers_the_estimate():
-    p, y = random_case(n=500, k=4, seed=7)
-    first = cal.bootstrap_ci(p, y, n_resamples=300, seed=11)
-    assert first == cal.bootstrap_ci(p, y, n_resamples=300, seed=11)
-    assert first != cal.bootstrap_ci(p, y, n_resamples=300, seed=12)
-    point = {"accuracy": cal.accuracy(p, y), "ece": cal.ece(p, y)}
-    point |= {"brier": cal.brier(p, y), "nll": cal.nll(p, y)}
+    z, y = random_logits(n=500, k=4, seed=7)
+    first = cal.bootstrap_ci(z, y, n_resamples=300, seed=11)
+    assert first == cal.bootstrap_ci(z, y, n_resamples=300, seed=11)
+    assert first != cal.bootstrap_ci(z, y, n_resamples=300, seed=12)
+    point, _ = cal.summarize(z, y, n_resamples=0)
+    assert first.keys() == point.keys() == set(cal.METRICS)
     for name, (lo, hi) in first.items():
         assert lo < point[name] < hi, name
         assert all(isinstance(v, float) for v in (lo, hi))
 
 
 def test_paired_bootstrap_gives_each_array_its_own_intervals_from_shared_draws():
-    p, y = random_case(n=300, k=4, seed=9)
-    q = cal.softmax(np.log(p), 0.7)  # the same predictions, sharpened
-    both = cal.paired_bootstrap_ci([p, q], y, n_bins=10, n_resamples=250, seed=5)
-    assert both == [cal.bootstrap_ci(x, y, n_bins=10, n_resamples=250, seed=5) for x in (p, q)]
+    z, y = random_logits(n=300, k=4, seed=9)
+    w = z / 0.7  # the same predictions, sharpened
+    both = cal.paired_bootstrap_ci([z, w], y, n_bins=10, n_resamples=250, seed=5)
+    assert both == [cal.bootstrap_ci(x, y, n_bins=10, n_resamples=250, seed=5) for x in (z, w)]
     assert both[0] != both[1]
-    paired = cal.summarize_paired([p, q], y, n_bins=10, n_resamples=250, seed=5, prefix="test_")
-    assert paired == [cal.summarize(x, y, n_bins=10, n_resamples=250, seed=5, prefix="test_") for x in (p, q)]
+    paired = cal.summarize_paired([z, w], y, n_bins=10, n_resamples=250, seed=5)
+    assert paired == [cal.summarize(x, y, n_bins=10, n_resamples=250, seed=5) for x in (z, w)]
     with pytest.raises(CalibrationInputError, match=r"labels have shape \(300,\), expected \(299,\)"):
-        cal.paired_bootstrap_ci([p, q[:-1]], y)
+        cal.paired_bootstrap_ci([z, w[:-1]], y)
+
+
+# -- NLL from logits -----------------------------------------------------------------------
+def test_nll_is_computed_from_logits_without_clipping():
+    # Confidently wrong by a logit margin of 100: the true class has log-probability -100.
+    # Probabilities would round it to 0 (and a clip at 1e-15 would report 34.5).
+    z, y = np.array([[0.0, 100.0], [50.0, 0.0]]), np.array([0, 0])
+    assert cal.nll_from_logits(z, y) == pytest.approx((100.0 + np.log1p(np.exp(-100.0)) + np.exp(-50.0)) / 2)
+    values, intervals = cal.summarize(z, y, n_resamples=50)
+    assert values["nll"] == pytest.approx(50.0)
+    assert intervals["nll"][1] == pytest.approx(100.0)  # the resample drawing the wrong row twice
+    # The temperature fit minimises the same NLL: at its optimum nudging T only hurts.
+    zz, yy = random_logits(n=2000, k=3, seed=3)
+    t = cal.fit_temperature(zz, yy)
+    assert cal.nll_from_logits(zz, yy, t) < min(cal.nll_from_logits(zz, yy, t * f) for f in (0.95, 1.05))
 
 
 # -- temperature scaling -------------------------------------------------------------------
@@ -259,7 +290,7 @@ def test_fit_temperature_recovers_the_true_temperature(t_true):
     assert t == pytest.approx(t_true, rel=0.05)
     # the fitted T is the NLL minimum: nudging it either way only hurts
     for other in (t * 0.9, t * 1.1):
-        assert cal.nll(cal.softmax(z, t), y) < cal.nll(cal.softmax(z, other), y)
+        assert cal.nll_from_logits(z, y, t) < cal.nll_from_logits(z, y, other)
 
 
 @pytest.mark.parametrize(
@@ -277,20 +308,21 @@ def test_fit_temperature_rejects_bad_input(logits, labels, match):
 
 
 # -- summary -------------------------------------------------------------------------------
-def test_summarize():
-    p, y = random_case(seed=8)
-    out = cal.summarize(p, y, n_bins=10, n_resamples=100, seed=4, prefix="test_")
-    names = ["accuracy", "nll", "brier", "ece", "mce", "ece_adaptive", "ece_classwise"]
-    ci = [f"{m}_ci_{end}" for m in ("accuracy", "ece", "brier", "nll") for end in ("low", "high")]
-    assert set(out) == {f"test_{name}" for name in names + ci}
-    assert all(type(v) is float for v in out.values())
-    assert out["test_ece"] == cal.ece(p, y, n_bins=10)
-    assert out["test_ece_adaptive"] == cal.adaptive_ece(p, y, n_bins=10)
-    assert out["test_ece_classwise"] == cal.classwise_ece(p, y, n_bins=10)
-    assert (out["test_ece_ci_low"], out["test_ece_ci_high"]) == cal.bootstrap_ci(
-        p, y, n_bins=10, n_resamples=100, seed=4
-    )["ece"]
-    assert set(cal.summarize(p, y, n_resamples=0)) == set(names)
+def test_summarize_gives_every_metric_with_its_interval():
+    z, y = random_logits(seed=8)
+    p = cal.softmax(z)
+    values, intervals = cal.summarize(z, y, n_bins=10, n_resamples=100, seed=4)
+    assert list(values) == list(cal.METRICS) and set(intervals) == set(cal.METRICS)
+    assert all(type(v) is float for v in values.values())
+    assert values["ece"] == cal.ece(p, y, n_bins=10)
+    assert values["mce"] == cal.mce(p, y, n_bins=10)
+    assert values["ece_adaptive"] == cal.adaptive_ece(p, y, n_bins=10)
+    assert values["ece_classwise"] == cal.classwise_ece(p, y, n_bins=10)
+    assert values["nll"] == pytest.approx(cal.nll(p, y), rel=1e-12)
+    assert intervals == cal.bootstrap_ci(z, y, n_bins=10, n_resamples=100, seed=4)
+    for name, (lo, hi) in intervals.items():
+        assert lo <= values[name] <= hi, name
+    assert cal.summarize(z, y, n_bins=10, n_resamples=0) == (values, {})
 
 
 def test_import_is_light():
@@ -345,8 +377,6 @@ def test_check_inputs_normalises_types_and_tolerance():
         cal.classwise_ece,
         cal.reliability_table,
         cal.classwise_reliability,
-        cal.bootstrap_ci,
-        cal.summarize,
     ],
 )
 def test_every_metric_rejects_unnormalised_rows(metric):

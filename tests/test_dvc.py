@@ -30,14 +30,14 @@ def test_repro_runs_four_stages_and_one_mlflow_run(repro_project):
     for stage in ["generate", "train", "evaluate", "report"]:
         assert f"Running stage '{stage}'" in first.stdout
     metrics = json.loads((project / "reports/metrics.json").read_text())
-    assert {"accuracy", "loss", "ece", "brier"} <= metrics.keys()
+    assert {"accuracy", "nll", "ece", "ece_ts", "temperature", "val_nll"} == metrics.keys()
     assert (project / "reports/report.html").stat().st_size > 50_000  # figures are embedded
     client, runs = runs_in(project)
     assert len(runs) == 1
     run = runs[0]
     assert run.info.status == "FINISHED"
     # The later stages added to the run the train stage opened.
-    assert run.data.metrics["test_accuracy"] == pytest.approx(metrics["accuracy"], abs=1e-6)
+    assert run.data.metrics["test/accuracy"] == pytest.approx(metrics["accuracy"], abs=1e-6)
     assert {"calibration", "figures", "report.html"} <= {
         a.path for a in client.list_artifacts(run.info.run_id)
     }
@@ -82,7 +82,7 @@ def test_a_retrain_with_identical_results_still_completes_its_own_run(repro_proj
     client, runs = runs_in(project)
     newest = runs[0]  # search_runs: newest first
     assert json.loads((project / "reports/train.json").read_text())["run_id"] == newest.info.run_id
-    assert "test_accuracy" in newest.data.metrics
+    assert "test/accuracy" in newest.data.metrics
     assert "report.html" in {a.path for a in client.list_artifacts(newest.info.run_id)}
 
 

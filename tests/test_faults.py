@@ -312,6 +312,14 @@ CASES = [
         [sys.executable, "-m", "softmaxlab", "-m", "hydra.sweep.dir=sweep_out", "train.epochs=0", "seed=0,1"],
         ["train.epochs=0"],
     ),
+    # sweeps tune on validation metrics, and an optimising sweeper must go their way
+    Case("objective-test", None, [*APP, "objective=test/accuracy"], ["objective='test/accuracy'", "val/nll"]),
+    Case(
+        "optuna-direction",
+        None,
+        [*APP[:3], "-m", "hydra.sweep.dir=sweep_out", "sweep=optuna", "hydra.sweeper.direction=maximize"],
+        ["hydra.sweeper.direction=maximize", "objective=val/nll", "minimize"],
+    ),
     Case(
         "summarize-usage",
         None,

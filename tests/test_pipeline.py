@@ -12,9 +12,8 @@ import pytest
 from conftest import compose_config, tiny_overrides
 
 from softmaxlab import generate, pipeline, train
+from softmaxlab import metrics as names
 from softmaxlab.io import n_classes_of, read_predictions
-
-CURVES = ("loss", "accuracy", "val_loss", "val_accuracy")
 
 
 def test_stages_write_every_output(trained):
@@ -60,15 +59,20 @@ def test_train_stage_loads_keras_without_sklearn_and_leaves_sklearn_importable()
     assert out.stdout.strip() == "True (1, 2)"
 
 
-def test_metrics_json_has_the_dvc_keys_and_agrees_with_predictions(trained):
+def test_metrics_json_is_the_headline_and_agrees_with_predictions(trained):
+    # What DVC shows (`dvc exp show`, `dvc metrics show`): a few numbers, no interval bounds.
     cfg, root = trained["cfg"], trained["root"]
     metrics = json.loads((root / cfg.paths.metrics).read_text())
-    for key in ["accuracy", "loss", "ece", "brier", "temperature", "ece_ts", "ece_ci_low", "ece_ci_high"]:
-        assert key in metrics
+    assert set(metrics) == {"accuracy", "nll", "ece", "ece_ts", "temperature", "val_nll"}
     _, probs, labels = read_predictions(root / cfg.paths.predictions / "test.parquet")
     assert metrics["accuracy"] == pytest.approx(np.mean(probs.argmax(1) == labels), abs=1e-6)
     assert len(labels) == cfg.data.n_test
-    assert metrics["ece_ci_low"] <= metrics["ece"] <= metrics["ece_ci_high"]
+    full = json.loads((root / cfg.paths.calibration / "metrics.json").read_text())
+    assert set(full) == set(names.evaluate_names())
+    for metric in names.CALIBRATION:  # every metric has its interval, before and after scaling
+        for scaled in (False, True):
+            lo, hi = (full[names.test_ci(metric, end, scaled)] for end in names.CI_ENDS)
+            assert lo <= full[names.test(metric, scaled)] <= hi, (metric, scaled)
 
 
 def test_predictions_hold_probabilities_logits_and_labels(trained):
@@ -78,14 +82,27 @@ def test_predictions_hold_probabilities_logits_and_labels(trained):
     assert probs.shape == logits.shape and probs.shape[1] == k
     np.testing.assert_allclose(probs.sum(1), 1.0, atol=1e-9)
     np.testing.assert_array_equal(probs.argmax(1), logits.argmax(1))
-    n_train = cfg.data.n_samples - cfg.data.n_test
-    assert len(labels) == n_train - int(n_train * (1 - cfg.train.validation_split))
+
+
+def test_the_validation_split_is_the_last_fifth_of_the_training_data(trained):
+    # 400 samples, 100 for test: of the 300 training rows the last 60 (validation_split 0.2,
+    # as Keras's fit takes them, before any shuffling) are the validation split.
+    cfg, root = trained["cfg"], trained["root"]
+    assert (cfg.data.n_samples, cfg.data.n_test, cfg.train.validation_split) == (400, 100, 0.2)
+    logits, _, labels = read_predictions(root / cfg.paths.predictions / "val.parquet")
+    data = pd.read_parquet(root / cfg.paths.train_data)
+    assert len(labels) == 60
+    np.testing.assert_array_equal(labels, data["label"].to_numpy()[-60:])
+    # The saved model, run on those rows, gives the saved validation predictions.
+    model = train.load_model(root / cfg.paths.model)
+    probs = np.asarray(model(data[["x1", "x2"]].to_numpy(np.float32)[-60:]))
+    np.testing.assert_allclose(probs, np.exp(logits) / np.exp(logits).sum(1, keepdims=True), atol=1e-5)
 
 
 def test_history_has_one_row_per_epoch(trained):
     cfg, root = trained["cfg"], trained["root"]
     history = pd.read_csv(root / cfg.paths.history)
-    assert list(history.columns) == ["epoch", *CURVES]
+    assert list(history.columns) == ["epoch", *names.CURVES]
     assert history["epoch"].tolist() == list(range(1, cfg.train.epochs + 1))
 
 
@@ -96,16 +113,21 @@ def test_mlflow_run_holds_params_curves_metrics_artifacts_model_and_provenance(t
     assert run.info.status == "FINISHED"
     assert run.data.params["model.hidden"] == "[12, 8]"
     assert run.data.params["optimizer.lr"] == "0.001"
-    for key in ["test_accuracy", "test_loss", "test_ece", "test_brier", "temperature", "test_ece_ts",
-                "test_ece_ci_low", "test_nll_ts_ci_high", "test_ece_adaptive", "test_ece_classwise"]:  # fmt: skip
-        assert key in run.data.metrics, key
-    for curve in CURVES:
+    assert set(names.evaluate_names()) <= set(run.data.metrics)
+    for curve in names.CURVES.values():
         steps = [m.step for m in client.get_metric_history(run_id, curve)]
         assert steps == list(range(1, cfg.train.epochs + 1)), curve
+    info = json.loads((trained["root"] / cfg.paths.train_info).read_text())
+    assert run.data.metrics[names.TRAIN_SECONDS] == pytest.approx(info["train_seconds"], abs=1e-4)
+    assert info["train_seconds"] > 0
     tags = run.data.tags
-    assert tags["device"] == "CPU"
+    # The device TensorFlow trained on: "CPU", or "GPU: <name>" on a GPU machine.
+    assert tags["device"] == train.select_device(cfg.train.device)[1] == info["device"]
     assert len(tags["data_md5"]) == 32
     assert "git_commit" in tags and "versions.tensorflow" in tags
+    assert tags["git_dirty"] in ("true", "false")
+    assert tags["mlflow.note.content"].startswith("model seed [12, 8], adam lr 0.001")
+    assert f"test accuracy {run.data.metrics['test/accuracy']:.4f}" in tags["mlflow.note.content"]
     artifacts = {a.path for a in client.list_artifacts(run_id)}
     assert {"calibration", "figures", "report.html"} <= artifacts
     figures = {a.path.split("/")[-1] for a in client.list_artifacts(run_id, "figures")}
@@ -134,18 +156,21 @@ def test_logged_model_loads_and_predicts_the_saved_probabilities(trained):
     np.testing.assert_allclose(out, probs, atol=1e-5)
 
 
-def test_same_config_gives_bit_identical_data():
+def test_same_config_gives_bit_identical_data_and_only_data_seed_moves_it():
     cfg = compose_config(*tiny_overrides())
-    a_train, a_test = generate.generate(cfg.data, cfg.seed)
-    b_train, b_test = generate.generate(cfg.data, cfg.seed)
+    a_train, a_test = generate.generate(cfg.data)
+    b_train, b_test = generate.generate(cfg.data)
     pd.testing.assert_frame_equal(a_train, b_train, check_exact=True)
-    c_train, _ = generate.generate(cfg.data, cfg.seed + 1)
-    assert not c_train.equals(a_train)
+    # The training seed leaves the data alone: a sweep over seeds shares one test set.
+    other_seed = compose_config(*tiny_overrides("seed=7"))
+    assert other_seed.seed != cfg.seed and other_seed.data == cfg.data
+    c_train, c_test = generate.generate(compose_config(*tiny_overrides("data.seed=7")).data)
+    assert not c_train.equals(a_train) and not c_test.equals(a_test)
 
 
 def test_same_config_gives_identical_training_on_cpu():
     cfg = compose_config(*tiny_overrides())
-    train_df, test_df = pipeline.data_for(cfg.data, cfg.seed)
+    train_df, test_df = pipeline.data_for(cfg.data)
     a = train.train(cfg, train_df, test_df)
     b = train.train(cfg, train_df, test_df)
     pd.testing.assert_frame_equal(a.history, b.history, check_exact=True)
@@ -155,7 +180,7 @@ def test_same_config_gives_identical_training_on_cpu():
 def test_seed_config_reaches_the_tutorials_accuracy_with_its_own_training_loop():
     """The tutorial's exact defaults (30 epochs, batch 5, Adam 1e-3) through our loop."""
     cfg = compose_config()
-    train_df, test_df = pipeline.data_for(cfg.data, cfg.seed)
+    train_df, test_df = pipeline.data_for(cfg.data)
     result = train.train(cfg, train_df, test_df)
     _, probs, labels = read_predictions_frame(result.predictions["test"])
     assert np.mean(probs.argmax(1) == labels) >= 0.99
@@ -168,14 +193,16 @@ def read_predictions_frame(df):
 
 
 def test_a_sweep_generates_each_data_set_once():
-    # A seed no other test uses, so the cache starts without it whatever ran before.
-    cfg = compose_config(*tiny_overrides("seed=987654"))
+    # A data seed no other test uses, so the cache starts without it whatever ran before.
+    cfg = compose_config(*tiny_overrides("data.seed=987654"))
     before = len(pipeline._DATA_CACHE)
-    first = pipeline.data_for(cfg.data, cfg.seed)
-    again = pipeline.data_for(cfg.data, cfg.seed)
+    first = pipeline.data_for(cfg.data)
+    again = pipeline.data_for(cfg.data)
     assert again[0] is first[0] and len(pipeline._DATA_CACHE) == before + 1
-    other = compose_config(*tiny_overrides("seed=987654", "data.cluster_std=2.0"))
-    assert pipeline.data_for(other.data, other.seed)[0] is not first[0]
+    same = compose_config(*tiny_overrides("data.seed=987654", "seed=3"))
+    assert pipeline.data_for(same.data)[0] is first[0]  # another training seed, the same data
+    other = compose_config(*tiny_overrides("data.seed=987654", "data.cluster_std=2.0"))
+    assert pipeline.data_for(other.data)[0] is not first[0]
 
 
 def test_tensorflow_start_up_noise_is_held_back_but_replayed_when_it_fails(capfd):

@@ -10,7 +10,7 @@ import subprocess
 import numpy as np
 import pytest
 
-from softmaxlab.report import METRIC_ROWS
+from softmaxlab import metrics as names
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 # In CI a missing browser is a failure, not a skip (.ci/run installs it).
@@ -32,15 +32,17 @@ def test_report_embeds_every_figure_and_references_nothing_outside(trained):
         assert any(needle in alt for alt in images), needle
     # No external resource: opened from disk, offline, it is complete.
     assert not re.search(r'(src|href)="(?!data:)', page)
-    for _, label, _ in METRIC_ROWS:
-        assert label in page
+    for label, _ in names.CALIBRATION.values():
+        assert f"<th>{label}</th>" in page
 
 
 def test_report_states_the_key_numbers(trained):
     m = trained["metrics"]
     page = (trained["root"] / trained["cfg"].paths.report).read_text()
-    assert f"accuracy {m['test_accuracy']:.4f}" in page
-    assert f"T = {m['temperature']:.3f}" in page
+    assert f"accuracy {m['test/accuracy']:.4f}" in page
+    assert f"T = {m['calibration/temperature']:.3f}" in page
+    ece, lo, hi = m["test/ece"], m["test_ci/ece_low"], m["test_ci/ece_high"]
+    assert f'{ece:.4f} <span class="ci">[{lo:.4f}, {hi:.4f}]</span>' in page
     assert trained["run_id"] in page
 
 
@@ -86,7 +88,7 @@ def test_evaluation_is_recorded_in_the_run_even_when_drawing_fails(trained, tmp_
         report.run(cfg, root, tracker, run_id)
     run = tracker.client.get_run(run_id)
     assert run.info.status == "FAILED"
-    assert run.data.metrics["test_accuracy"] == trained["metrics"]["test_accuracy"]
-    assert "temperature" in run.data.metrics and "test_ece_ts_ci_high" in run.data.metrics
+    assert run.data.metrics["test/accuracy"] == trained["metrics"]["test/accuracy"]
+    assert set(names.evaluate_names()) <= set(run.data.metrics)
     artifacts = {a.path for a in tracker.client.list_artifacts(run_id)}
     assert "calibration" in artifacts and "report.html" not in artifacts

@@ -47,10 +47,20 @@ def project(tmp_path_factory):
 def test_in_process_multirun_logs_children_under_one_parent_with_summary(project):
     out = sweep(project, "model=seed,tiny", "seed=0,1").stdout
     parent = check_parent_and_children(project, 4)
+    # seed=0,1 varies the weights and shuffling, not the data: every job is measured on one test set.
+    children = runs(project).dropna(subset=["tags.job_num"])
+    assert children["tags.data_md5"].nunique() == 1
     summary = pd.read_csv(project / "sweep" / "summary.csv")
-    assert len(summary) == 4 and {"overrides", "accuracy", "loss", "ece", "temperature", "train_s"} <= set(
+    assert len(summary) == 4
+    assert {"overrides", "val_nll", "accuracy", "nll", "ece", "ece_ts", "temperature", "train_s"} <= set(
         summary
     )
+    # The sweep picks on the validation objective (val/nll, minimised); the picked job's test
+    # metrics are reported beside it, not used to choose.
+    best = summary.sort_values(["val_nll", "job"]).iloc[0]
+    assert parent["tags.best.objective"] == "val/nll" and parent["tags.best.job"] == str(best["job"])
+    assert parent["metrics.best/val/nll"] == pytest.approx(best["val_nll"])
+    assert parent["metrics.best/test/accuracy"] == pytest.approx(best["accuracy"])
     # Only what varies between jobs is shown.
     assert set(summary["overrides"]) == {f"model={m} seed={s}" for m in ("seed", "tiny") for s in (0, 1)}
     assert (project / "sweep" / "accuracy_vs_ece.png").stat().st_size > 10_000

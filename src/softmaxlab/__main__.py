@@ -86,7 +86,7 @@ def job(dcfg) -> float:
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
-    from softmaxlab import pipeline, sweep, tracking
+    from softmaxlab import evaluate, pipeline, sweep, tracking
     from softmaxlab.config import to_config
 
     _state["entered"] = True
@@ -124,11 +124,7 @@ def job(dcfg) -> float:
     except UserError as err:  # its run, if it had one, is already marked FAILED
         return failed(err)
     value = metrics.get(cfg.objective, float("nan"))
-    print(
-        f"softmaxlab: test accuracy {metrics['test_accuracy']:.4f}, loss {metrics['test_loss']:.4f}, "
-        f"ECE {metrics['test_ece']:.4f} (after T={metrics['temperature']:.2f}: {metrics['test_ece_ts']:.4f}); "
-        f"outputs in {hc.runtime.output_dir}"
-    )
+    print(f"softmaxlab: {evaluate.summary_line(metrics)}; outputs in {hc.runtime.output_dir}")
     return float(value)
 
 

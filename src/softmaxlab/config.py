@@ -17,6 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from softmaxlab.errors import UserError
+from softmaxlab.metrics import DEFAULT_OBJECTIVE, OBJECTIVES
 
 PROJECT_MARKERS = ("dvc.yaml", "conf")
 
@@ -32,8 +33,6 @@ INITIALIZERS = (
 OPTIMIZERS = ("adam", "sgd", "rmsprop")
 LOSSES = ("categorical_crossentropy", "categorical_focal_crossentropy")
 DEVICES = ("auto", "cpu", "gpu")
-# What a sweep job returns to the sweeper (Optuna maximises or minimises it).
-OBJECTIVES = ("test_accuracy", "test_loss", "test_ece", "test_brier", "test_ece_ts", "val_nll", "val_ece")
 
 
 @dataclass
@@ -45,6 +44,7 @@ class DataConfig:
     cluster_std: float = 1.5
     n_samples: int = 1000
     n_test: int = 250
+    seed: int = 42  # make_blobs' random_state; the top-level `seed` never moves the data
 
 
 @dataclass
@@ -106,8 +106,8 @@ class PathsConfig:
 
 @dataclass
 class Config:
-    seed: int = 42
-    objective: str = "test_accuracy"
+    seed: int = 42  # weight initialisation, shuffling, bootstrap resamples: never the data
+    objective: str = DEFAULT_OBJECTIVE
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
@@ -204,6 +204,7 @@ def validate(cfg: Config) -> None:
     """Every range, enum and cross-field rule, with the key and the allowed values named."""
     d, m, o, t, e = cfg.data, cfg.model, cfg.optimizer, cfg.train, cfg.evaluate
     _number("seed", cfg.seed, 0, 2**32 - 1)
+    _number("data.seed", d.seed, 0, 2**32 - 1)
 
     if len(d.centers) < 2:
         raise _bad("data.centers", d.centers, "give at least 2 centers (one per class)")
@@ -251,7 +252,7 @@ def validate(cfg: Config) -> None:
     _number("evaluate.n_bootstrap", e.n_bootstrap, 0, 100_000)
     _number("evaluate.ci", e.ci, 0.0, 1.0, lo_open=True, hi_open=True)
 
-    _choice("objective", cfg.objective, OBJECTIVES)
+    _choice("objective", cfg.objective, tuple(OBJECTIVES))
     if not cfg.tracking.experiment.strip():
         raise _bad("tracking.experiment", cfg.tracking.experiment, "give a non-empty experiment name")
 

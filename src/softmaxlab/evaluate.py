@@ -16,64 +16,79 @@ import numpy as np
 import pandas as pd
 
 from softmaxlab import calibration
+from softmaxlab import metrics as names
 from softmaxlab.config import Config, EvaluateConfig, load_params
 from softmaxlab.errors import entry_point
 from softmaxlab.io import read_json, read_output, read_predictions, write_json, write_table
 
 Split = tuple[np.ndarray, np.ndarray, np.ndarray]  # logits, probs, labels
 # Every metric evaluate computed, at full precision and under the names MLflow records,
-# next to the reliability tables (reports/metrics.json is DVC's rounded, shorter view).
+# next to the reliability tables (reports/metrics.json is DVC's short view: names.HEADLINE).
 METRICS_FILE = "metrics.json"
 TABLES = ("reliability", "reliability_ts", "classwise")
 
 
 @dataclass
 class EvalResult:
-    metrics: dict[str, float]  # MLflow names: test_accuracy, test_ece_ts_ci_low, temperature, ...
+    metrics: dict[str, float]  # names from softmaxlab.metrics: test/accuracy, test_ts_ci/ece_low, ...
     temperature: float
     tables: dict[str, pd.DataFrame]  # reliability, reliability_ts, classwise
 
 
-def _scaled_name(key: str) -> str:
-    """test_ece -> test_ece_ts, test_ece_ci_low -> test_ece_ts_ci_low."""
-    for tail in ("_ci_low", "_ci_high"):
-        if key.endswith(tail):
-            return key.removesuffix(tail) + "_ts" + tail
-    return key + "_ts"
-
-
 def evaluate(val: Split, test: Split, cfg: EvaluateConfig, seed: int) -> EvalResult:
-    """Pure: predictions in, metrics and tables out."""
+    """Pure: predictions in, metrics and tables out. The temperature is fitted on the
+    validation split; the test split is only measured."""
     val_logits, _, val_labels = val
     test_logits, test_probs, test_labels = test
     temperature = calibration.fit_temperature(val_logits, val_labels)
-    scaled = calibration.softmax(test_logits, temperature)
+    scaled = test_logits / temperature
 
-    # One set of bootstrap resamples for both: at 250,000 test samples, drawing them is most
+    # One set of bootstrap resamples for both: at 250,000 test samples, drawing them is much
     # of this stage's time.
-    before, after = calibration.summarize_paired(
-        [test_probs, scaled], test_labels, n_bins=cfg.n_bins, n_resamples=cfg.n_bootstrap,
-        ci=cfg.ci, seed=seed, prefix="test_",
-    )  # fmt: skip
-    metrics = {**before, "test_loss": before["test_nll"]}
-    metrics.update({_scaled_name(k): v for k, v in after.items()})
-    metrics["temperature"] = float(temperature)
-    metrics["temperature_at_bound"] = float(calibration.at_bound(temperature))
+    summaries = calibration.summarize_paired(
+        [test_logits, scaled],
+        test_labels,
+        n_bins=cfg.n_bins,
+        n_resamples=cfg.n_bootstrap,
+        ci=cfg.ci,
+        seed=seed,
+    )
+    metrics = {}
+    for is_scaled, (values, intervals) in zip((False, True), summaries, strict=True):
+        for key, value in values.items():
+            metrics[names.test(key, is_scaled)] = value
+        for key, bounds in intervals.items():
+            for end, bound in zip(names.CI_ENDS, bounds, strict=True):
+                metrics[names.test_ci(key, end, is_scaled)] = bound
+    metrics[names.TEMPERATURE] = float(temperature)
+    metrics[names.TEMPERATURE_AT_BOUND] = float(calibration.at_bound(temperature))
     val_probs = calibration.softmax(val_logits)
-    metrics["val_ece"] = calibration.ece(val_probs, val_labels, cfg.n_bins)
-    metrics["val_nll"] = calibration.nll(val_probs, val_labels)
+    metrics[names.VAL_NLL] = calibration.nll_from_logits(val_logits, val_labels)
+    metrics[names.VAL_ECE] = calibration.ece(val_probs, val_labels, cfg.n_bins)
+    metrics[names.VAL_BRIER] = calibration.brier(val_probs, val_labels)
+    scaled_probs = calibration.softmax(scaled)
     tables = {
         "reliability": calibration.reliability_table(test_probs, test_labels, cfg.n_bins),
-        "reliability_ts": calibration.reliability_table(scaled, test_labels, cfg.n_bins),
+        "reliability_ts": calibration.reliability_table(scaled_probs, test_labels, cfg.n_bins),
         "classwise": calibration.classwise_reliability(test_probs, test_labels, cfg.n_bins),
     }
     return EvalResult(metrics, float(temperature), tables)
 
 
 def dvc_metrics(metrics: dict[str, float]) -> dict[str, float]:
-    """reports/metrics.json: the test metrics without the `test_` prefix (accuracy, loss,
-    ece, brier, ...), which is how `dvc metrics show` and `dvc exp show` list them."""
-    return {k.removeprefix("test_"): round(v, 6) for k, v in sorted(metrics.items())}
+    """reports/metrics.json: the headline numbers under short names (accuracy, nll, ece,
+    ece_ts, temperature, val_nll), which is what `dvc exp show` and `dvc metrics show` list.
+    The intervals and the rest stay in reports/calibration/metrics.json."""
+    return {short: round(metrics[full], 6) for short, full in names.HEADLINE.items()}
+
+
+def summary_line(metrics: dict[str, float]) -> str:
+    """The headline in one line, for the stages' and the app's output."""
+    m = {short: metrics[full] for short, full in names.HEADLINE.items()}
+    return (
+        f"test accuracy {m['accuracy']:.4f}, NLL {m['nll']:.4f}, ECE {m['ece']:.4f} "
+        f"(after T={m['temperature']:.3f}: {m['ece_ts']:.4f}); validation NLL {m['val_nll']:.4f}"
+    )
 
 
 def run(cfg: Config, root: Path) -> EvalResult:
@@ -100,11 +115,7 @@ def read(cfg: Config, root: Path) -> tuple[dict[str, float], dict[str, pd.DataFr
 @entry_point
 def main() -> None:
     cfg = load_params()
-    m = run(cfg, Path(".")).metrics
-    print(
-        f"evaluate: accuracy {m['test_accuracy']:.4f}, loss {m['test_loss']:.4f}, "
-        f"ECE {m['test_ece']:.4f} -> {m['test_ece_ts']:.4f} after temperature {m['temperature']:.3f}"
-    )
+    print(f"evaluate: {summary_line(run(cfg, Path('.')).metrics)}")
 
 
 if __name__ == "__main__":

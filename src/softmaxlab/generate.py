@@ -1,6 +1,8 @@
 """Stage `generate`: the tutorial's make_blobs data, split into train and test.
 
 As in the tutorial, make_blobs shuffles and the first `n_test` samples are the test split.
+The data has its own seed, `data.seed`: the top-level `seed` (weights, shuffling, bootstrap)
+can change without changing the test set.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from softmaxlab.errors import entry_point
 from softmaxlab.io import FEATURES, write_table
 
 
-def generate(data: DataConfig, seed: int) -> tuple[pd.DataFrame, pd.DataFrame]:
+def generate(data: DataConfig) -> tuple[pd.DataFrame, pd.DataFrame]:
     """(train, test) frames with columns x1, x2 (float64) and label (int64)."""
     from sklearn.datasets import make_blobs  # 1.5 s to import: only where it is used
 
@@ -23,7 +25,7 @@ def generate(data: DataConfig, seed: int) -> tuple[pd.DataFrame, pd.DataFrame]:
         n_samples=data.n_samples,
         centers=np.asarray(data.centers, dtype=np.float64),
         cluster_std=data.cluster_std,
-        random_state=seed,
+        random_state=data.seed,
     )
     df = pd.DataFrame(x, columns=list(FEATURES))
     df["label"] = y.astype(np.int64)
@@ -40,7 +42,7 @@ def write(cfg: Config, train: pd.DataFrame, test: pd.DataFrame, root=".") -> Non
 @entry_point
 def main() -> None:
     cfg = load_params()
-    train, test = generate(cfg.data, cfg.seed)
+    train, test = generate(cfg.data)
     write(cfg, train, test)
     print(f"generate: {len(train)} train and {len(test)} test samples, {len(cfg.data.centers)} classes")
 

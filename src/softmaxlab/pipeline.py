@@ -14,15 +14,16 @@ import pandas as pd
 
 from softmaxlab import evaluate, generate, report, train
 from softmaxlab.config import Config, DataConfig
+from softmaxlab.metrics import TRAIN_SECONDS
 
-# Data per (data config, seed), so a sweep generates each data set once.
+# Data per data config (its seed included), so a sweep generates each data set once.
 _DATA_CACHE: dict[str, tuple[pd.DataFrame, pd.DataFrame]] = {}
 
 
-def data_for(data: DataConfig, seed: int) -> tuple[pd.DataFrame, pd.DataFrame]:
-    key = json.dumps([dataclasses.asdict(data), seed], sort_keys=True)
+def data_for(data: DataConfig) -> tuple[pd.DataFrame, pd.DataFrame]:
+    key = json.dumps(dataclasses.asdict(data), sort_keys=True)
     if key not in _DATA_CACHE:
-        _DATA_CACHE[key] = generate.generate(data, seed)
+        _DATA_CACHE[key] = generate.generate(data)
     return _DATA_CACHE[key]
 
 
@@ -39,9 +40,9 @@ def run(
 
     root = Path(root)
     with maybe_run(tracker, cfg, run_name=run_name, parent_run_id=parent_run_id, tags=tags) as run_id:
-        train_df, test_df = data_for(cfg.data, cfg.seed)
+        train_df, test_df = data_for(cfg.data)
         generate.write(cfg, train_df, test_df, root)
         trained = train.run(cfg, root, tracker, run_id)
         metrics = evaluate.run(cfg, root).metrics
         report.run(cfg, root, tracker, run_id)
-    return {**metrics, "train_seconds": trained.train_seconds, "run_id": run_id}
+    return {**metrics, TRAIN_SECONDS: trained.train_seconds, "run_id": run_id}

@@ -17,6 +17,7 @@ import numpy as np
 import pandas as pd
 
 from softmaxlab import evaluate
+from softmaxlab import metrics as names
 from softmaxlab.config import Config, as_dict, load_params
 from softmaxlab.errors import entry_point
 from softmaxlab.io import (
@@ -29,20 +30,12 @@ from softmaxlab.io import (
     write_text,
 )
 
-METRIC_ROWS = [
-    ("accuracy", "accuracy", "higher is better"),
-    ("nll", "loss (NLL)", "categorical cross-entropy, lower is better"),
-    ("brier", "Brier score", "sum over classes of squared error, in [0, 2]"),
-    ("ece", "ECE", "top-label, equal-width bins"),
-    ("ece_adaptive", "adaptive ECE", "equal-mass bins"),
-    ("ece_classwise", "classwise ECE", "Kull et al. 2019"),
-    ("mce", "MCE", "worst bin"),
-]
 
-
-def _interval(m: dict[str, float], key: str) -> str:
-    lo, hi = m.get(f"{key}_ci_low"), m.get(f"{key}_ci_high")
-    return f"{m[key]:.4f} [{lo:.4f}, {hi:.4f}]" if lo is not None else f"{m[key]:.4f}"
+def _interval(m: dict[str, float], key: str, scaled: bool = False) -> str:
+    """`0.0123 [0.0040, 0.0250]`: a test metric and its bootstrap interval, if there is one."""
+    value = m[names.test(key, scaled)]
+    lo, hi = (m.get(names.test_ci(key, end, scaled)) for end in names.CI_ENDS)
+    return f"{value:.4f} [{lo:.4f}, {hi:.4f}]" if lo is not None else f"{value:.4f}"
 
 
 def make_figures(cfg: Config, root: Path, metrics: dict[str, float], tables: dict[str, pd.DataFrame]):
@@ -57,10 +50,10 @@ def make_figures(cfg: Config, root: Path, metrics: dict[str, float], tables: dic
     grid = read_grid(root / cfg.paths.predictions / "grid.parquet")
     acc = float(np.mean(probs.argmax(axis=1) == labels))
     last = history.iloc[-1]
-    m, pct = metrics, f"{cfg.evaluate.ci:.0%} CI"
+    m, pct, t = metrics, f"{cfg.evaluate.ci:.0%} CI", metrics[names.TEMPERATURE]
     reliability_titles = {
-        "reliability": f"before scaling: acc {m['test_accuracy']:.3f}\nECE {_interval(m, 'test_ece')} ({pct})",
-        "reliability_ts": f"after scaling (T = {m['temperature']:.2f})\nECE {_interval(m, 'test_ece_ts')} ({pct})",
+        "reliability": f"before scaling: acc {m[names.test('accuracy')]:.3f}\nECE {_interval(m, 'ece')} ({pct})",
+        "reliability_ts": f"after scaling (T = {t:.2f})\nECE {_interval(m, 'ece', scaled=True)} ({pct})",
     }
     return {
         "data.png": plots.data(train, test, f"{cfg.data.name}: {len(train)} train, {len(test)} test samples"),
@@ -71,7 +64,7 @@ def make_figures(cfg: Config, root: Path, metrics: dict[str, float], tables: dic
         ),
         "reliability.png": plots.reliability({n: tables[n] for n in reliability_titles}, reliability_titles),
         "classwise.png": plots.classwise_reliability(
-            tables["classwise"], f"per-class reliability (classwise ECE {m['test_ece_classwise']:.4f})"
+            tables["classwise"], f"per-class reliability (classwise ECE {m[names.test('ece_classwise')]:.4f})"
         ),
         "confusion.png": plots.confusion(labels, probs.argmax(axis=1), k, f"test accuracy {acc:.4f}"),
         "landscape.png": plots.landscape(
@@ -86,16 +79,17 @@ def _img(path: Path, alt: str) -> str:
 
 
 def _metrics_table(m: dict[str, float], ci: float) -> str:
-    def cell(key: str) -> str:
-        if key not in m:
+    def cell(key: str, scaled: bool) -> str:
+        if names.test(key, scaled) not in m:
             return "<td>–</td>"
-        lo, hi = m.get(f"{key}_ci_low"), m.get(f"{key}_ci_high")
-        interval = f' <span class="ci">[{lo:.4f}, {hi:.4f}]</span>' if lo is not None else ""
-        return f"<td>{m[key]:.4f}{interval}</td>"
+        value, _, interval = _interval(m, key, scaled).partition(" ")
+        if interval:
+            value += f' <span class="ci">{interval}</span>'
+        return f"<td>{value}</td>"
 
     rows = "".join(
-        f"<tr><th>{label}</th>{cell(key)}{cell(key + '_ts')}<td class='note'>{note}</td></tr>"
-        for key, label, note in METRIC_ROWS
+        f"<tr><th>{label}</th>{cell(key, False)}{cell(key, True)}<td class='note'>{note}</td></tr>"
+        for key, (label, note) in names.CALIBRATION.items()
     )
     return (
         f"<table><thead><tr><th>test metric</th><th>as trained ({ci:.0%} bootstrap CI)</th>"
@@ -104,10 +98,10 @@ def _metrics_table(m: dict[str, float], ci: float) -> str:
 
 
 def _temperature_warning(m: dict[str, float]) -> str:
-    if not m.get("temperature_at_bound"):
+    if not m.get(names.TEMPERATURE_AT_BOUND):
         return ""
     return (
-        f'<p class="warn"><strong>Temperature at its bound (T = {m["temperature"]:.3f}).</strong> '
+        f'<p class="warn"><strong>Temperature at its bound (T = {m[names.TEMPERATURE]:.3f}).</strong> '
         "The validation split is classified perfectly, so its NLL keeps falling as T moves to the "
         "bound: the fit is degenerate and the after-scaling column says little. Calibration is "
         "worth studying where classes overlap, e.g. <code>data=overlap</code>.</p>"
@@ -117,9 +111,10 @@ def _temperature_warning(m: dict[str, float]) -> str:
 def render(cfg: Config, metrics: dict[str, float], info: dict, images: list[tuple[Path, str]]) -> str:
     import yaml
 
+    h = {short: metrics[full] for short, full in names.HEADLINE.items()}
     head = (
-        f"accuracy {metrics['accuracy']:.4f} · loss {metrics['loss']:.4f} · "
-        f"ECE {metrics['ece']:.4f} → {metrics['ece_ts']:.4f} at T = {metrics['temperature']:.3f}"
+        f"accuracy {h['accuracy']:.4f} · NLL {h['nll']:.4f} · "
+        f"ECE {h['ece']:.4f} → {h['ece_ts']:.4f} at T = {h['temperature']:.3f}"
     )
     run = info.get("run_id") or "not tracked"
     facts = (
@@ -178,12 +173,21 @@ def draw(
         save_figure(fig, fig_dir / name)
     images = [(fig_dir / name, caption) for name, caption in CAPTIONS.items()]
     report_path = root / cfg.paths.report
-    write_text(report_path, render(cfg, evaluate.dvc_metrics(metrics), info, images))
+    write_text(report_path, render(cfg, metrics, info, images))
     return report_path
+
+
+def description(cfg: Config, metrics: dict[str, float]) -> str:
+    """The run's description in MLflow (the note on its page): what ran and how it did."""
+    return (
+        f"model {cfg.model.name} {list(cfg.model.hidden)}, {cfg.optimizer.name} lr {cfg.optimizer.lr}, "
+        f"{cfg.train.epochs} epochs, data {cfg.data.name}: {evaluate.summary_line(metrics)}"
+    )
 
 
 def record_evaluation(tracker, run_id: str, cfg: Config, root: Path, metrics: dict[str, float]) -> None:
     tracker.log_metrics(run_id, metrics)
+    tracker.set_tags(run_id, {"mlflow.note.content": description(cfg, metrics)})
     tracker.log_artifacts(run_id, [root / cfg.paths.calibration], "calibration")
 
 

@@ -17,21 +17,20 @@ import pandas as pd
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
+from softmaxlab import metrics as names
 from softmaxlab.errors import UserError
 
 ENV_PARENT = "SOFTMAXLAB_PARENT_RUN_ID"
 ENV_SWEEP = "SOFTMAXLAB_SWEEP_ID"
 ENV_STORE = "SOFTMAXLAB_SWEEP_STORE"  # "<experiment id> <tracking uri>" of the parent run
+# The summary's columns: the validation metrics a sweep may optimise, then the headline.
+_METRIC_COLUMNS = [*names.OBJECTIVES, *(m for m in names.HEADLINE.values() if m not in names.OBJECTIVES)]
 SUMMARY_COLUMNS = {
     "tags.job_num": "job",
     "tags.overrides": "overrides",
     "status": "status",
-    "metrics.test_accuracy": "accuracy",
-    "metrics.test_loss": "loss",
-    "metrics.test_ece": "ece",
-    "metrics.test_ece_ts": "ece_ts",
-    "metrics.temperature": "temperature",
-    "metrics.train_seconds": "train_s",
+    **{f"metrics.{m}": names.short(m) for m in _METRIC_COLUMNS},
+    f"metrics.{names.TRAIN_SECONDS}": "train_s",
     "run_id": "run_id",
 }
 _state: dict = {"parent": None, "failed": 0}
@@ -84,6 +83,7 @@ class SweepCallback(Callback):
 
         try:
             cfg = _job_config(config)
+            check_direction(cfg.objective, config.hydra.sweeper.get("direction"))
             tracker = tracking.connect(cfg)
         except UserError as err:  # before any job: the whole sweep is misconfigured
             fail(str(err))
@@ -109,7 +109,7 @@ class SweepCallback(Callback):
         if parent is None:
             return
         tracker, run_id, sweep_dir = parent
-        table = write_summary(tracker, sweep_id(), sweep_dir, run_id)
+        table = write_summary(tracker, sweep_id(), sweep_dir, run_id, _job_config(config).objective)
         _state["failed"] = int((table["status"] != "FINISHED").sum())
         print(
             f"\nsweep {sweep_id()}: {len(table)} jobs\n{table.drop(columns='run_id').to_string(index=False)}"
@@ -117,6 +117,17 @@ class SweepCallback(Callback):
         print(f"summary: {sweep_dir / 'summary.csv'}; runs table: "
               f"{tracking_link(tracker)}")  # fmt: skip
         close_parent()
+
+
+def check_direction(objective: str, direction) -> None:
+    """An optimising sweeper (Optuna) must go the objective's way: minimising accuracy, or
+    maximising NLL, would search for the worst model."""
+    wanted = names.OBJECTIVES[objective]
+    if direction is not None and str(direction) != wanted:
+        raise UserError(
+            f"hydra.sweeper.direction={direction} is not allowed with objective={objective}: "
+            f"it must be {wanted}"
+        )
 
 
 def tracking_link(tracker) -> str:
@@ -180,7 +191,9 @@ def accuracy_vs_ece(table: pd.DataFrame, title: str):
     return fig
 
 
-def write_summary(tracker, sid: str, out_dir: Path, parent_run_id: str | None) -> pd.DataFrame:
+def write_summary(
+    tracker, sid: str, out_dir: Path, parent_run_id: str | None, objective: str = names.DEFAULT_OBJECTIVE
+) -> pd.DataFrame:
     from softmaxlab.io import save_figure, write_table, write_text
 
     children = search_children(tracker, sid)
@@ -199,11 +212,37 @@ def write_summary(tracker, sid: str, out_dir: Path, parent_run_id: str | None) -
             [out_dir / "summary.csv", out_dir / "summary.md", out_dir / "accuracy_vs_ece.png"],
             "summary",
         )
-        best = table.dropna(subset=["accuracy"]).sort_values(["accuracy", "ece"], ascending=[False, True])
-        if len(best):
-            tracker.log_metrics(parent_run_id, {"best_test_accuracy": best.iloc[0]["accuracy"],
-                                                "n_jobs": len(table)})  # fmt: skip
+        record_best(tracker, parent_run_id, table, objective)
     return table
+
+
+def best_job(table: pd.DataFrame, objective: str) -> pd.Series | None:
+    """The job the sweep picks: the best validation objective (ties: the lower job number).
+    Its test metrics are reported, never used to choose."""
+    col = names.short(objective)
+    if col not in table:
+        return None
+    done = table[table["status"] == "FINISHED"].dropna(subset=[col])
+    if done.empty:
+        return None
+    ascending = names.OBJECTIVES[objective] == "minimize"
+    return done.sort_values([col, "job"], ascending=[ascending, True]).iloc[0]
+
+
+def record_best(tracker, parent_run_id: str, table: pd.DataFrame, objective: str) -> None:
+    """The parent run's result: the picked job (by the validation objective), with its
+    objective and its headline test metrics as reported numbers."""
+    metrics = {"n_jobs": len(table)}
+    best = best_job(table, objective)
+    if best is not None:
+        metrics.update(
+            {f"best/{m}": best[names.short(m)] for m in _METRIC_COLUMNS if pd.notna(best[names.short(m)])}
+        )
+        tracker.set_tags(parent_run_id, {
+            "best.objective": objective, "best.job": str(best["job"]), "best.run_id": best["run_id"],
+            "best.overrides": best["overrides"],
+        })  # fmt: skip
+    tracker.log_metrics(parent_run_id, metrics)
 
 
 def summarize_cli(args: list[str]) -> None:
@@ -220,7 +259,11 @@ def summarize_cli(args: list[str]) -> None:
         raise UserError("tracking.enabled is false: there are no runs to summarize")
     out = Path(args[1]) if len(args) > 1 else project_root() / "outputs" / "summaries" / sid
     parent = _find_parent(tracker, sid)
-    table = write_summary(tracker, sid, out, parent)
+    # The sweep's own objective (its parent run's param), else this project's.
+    objective = tracker.client.get_run(parent).data.params.get("objective") if parent else None
+    table = write_summary(
+        tracker, sid, out, parent, objective if objective in names.OBJECTIVES else cfg.objective
+    )
     print(table.drop(columns="run_id").to_string(index=False))
     print(f"summary: {out / 'summary.csv'}")
 

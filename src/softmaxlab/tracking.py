@@ -97,6 +97,14 @@ def git_state(root: Path) -> dict[str, str]:
     return {"git_commit": commit, "mlflow.source.git.commit": commit, "git_dirty": str(dirty).lower()}
 
 
+def default_run_name(cfg: Config) -> str:
+    """A run name that says what ran (the runs table shows it), instead of MLflow's random
+    one: the DVC experiment's name where DVC runs it, else model, optimizer, lr and seed."""
+    what = f"{cfg.model.name} {cfg.optimizer.name} lr={cfg.optimizer.lr:g} seed={cfg.seed}"
+    exp = os.environ.get("DVC_EXP_NAME")
+    return f"{exp}: {what}" if exp else what
+
+
 def environment_tags() -> dict[str, str]:
     tags = {"python": platform.python_version(), "platform": platform.platform()}
     for pkg in VERSIONED_PACKAGES:
@@ -132,12 +140,14 @@ class Tracker:
 
         all_tags = {**git_state(project_root()), **environment_tags(), **(tags or {})}
         all_tags["entry_point"] = Path(sys.argv[0]).name or "python"
+        if os.environ.get("DVC_EXP_NAME"):  # set by DVC in `dvc exp run`'s stage processes
+            all_tags["dvc_exp_name"] = os.environ["DVC_EXP_NAME"]
         if self.fallback_from:
             all_tags["tracking.fallback_from"] = redact(self.fallback_from)
         run = retry_locked(
             mlflow.start_run,
             experiment_id=self.experiment_id,
-            run_name=run_name,
+            run_name=run_name or default_run_name(cfg),
             parent_run_id=parent_run_id,
             nested=parent_run_id is not None,
             tags=all_tags,
@@ -192,14 +202,16 @@ class Tracker:
         """Per-epoch curves (step = epoch), training time, device, and the model."""
         from mlflow.entities import Metric
 
+        from softmaxlab.metrics import CURVES, TRAIN_SECONDS
+
         now = int(time.time() * 1000)
         curves = [
-            Metric(col, float(row[col]), now, int(row["epoch"]))
+            Metric(name, float(row[col]), now, int(row["epoch"]))
             for _, row in result.history.iterrows()
-            for col in ("loss", "accuracy", "val_loss", "val_accuracy")
+            for col, name in CURVES.items()
         ]
         self._log_metric_objects(run_id, curves)
-        self.log_metrics(run_id, {"train_seconds": result.train_seconds})
+        self.log_metrics(run_id, {TRAIN_SECONDS: result.train_seconds})
         self.set_tags(run_id, {"device": result.device})
         if cfg.tracking.log_model:
             self.log_model(result.model, result.predictions["test"])

@@ -1,0 +1,84 @@
+"""The name of every metric, declared once.
+
+evaluate computes under these names, report records them in MLflow and lays out its table,
+the sweep summary picks its columns, `objective` chooses among them, and reports/metrics.json
+(what DVC shows) is built from HEADLINE. MLflow groups a run's charts by the part before the
+first `/`, so the run page opens with the curves (train/, val/) and the test metrics (test/),
+while bootstrap bounds (test_ci/) and the after-scaling twins (test_ts/, test_ts_ci/) sit in
+sections of their own.
+"""
+
+from __future__ import annotations
+
+# What calibration.summarize computes for one split, each with a bootstrap interval:
+# key -> (label, note), in the order the report shows them.
+CALIBRATION = {
+    "accuracy": ("accuracy", "higher is better"),
+    "nll": ("NLL", "negative log-likelihood of the true class, from the logits; lower is better"),
+    "brier": ("Brier score", "sum over classes of squared error, in [0, 2]"),
+    "ece": ("ECE", "top-label, equal-width bins"),
+    "ece_adaptive": ("adaptive ECE", "equal-mass bins"),
+    "ece_classwise": ("classwise ECE", "Kull et al. 2019"),
+    "mce": ("MCE", "worst bin"),
+}
+CI_ENDS = ("low", "high")
+
+
+def test(name: str, scaled: bool = False) -> str:
+    """A test-split metric: test/ece, or test_ts/ece after temperature scaling."""
+    return f"test{'_ts' if scaled else ''}/{name}"
+
+
+def test_ci(name: str, end: str, scaled: bool = False) -> str:
+    """A bootstrap bound: test_ci/ece_low, test_ts_ci/ece_high."""
+    return f"test{'_ts' if scaled else ''}_ci/{name}_{end}"
+
+
+TEMPERATURE = "calibration/temperature"
+TEMPERATURE_AT_BOUND = "calibration/temperature_at_bound"  # 1.0 when the fit stopped at its bound
+# evaluate's metrics of the validation split (the objectives below).
+VAL_NLL, VAL_ECE, VAL_BRIER = "val/nll", "val/ece", "val/brier"
+# The training curves, one point per epoch: column of reports/history.csv -> MLflow name. The
+# loss is the training loss as configured (focal or label-smoothed when train.loss says so);
+# evaluate's NLL is test/nll and val/nll.
+CURVES = {
+    "loss": "train/loss",
+    "accuracy": "train/accuracy",
+    "val_loss": "val/loss",
+    "val_accuracy": "val/accuracy",
+}
+TRAIN_SECONDS = "train/seconds"
+
+# What a sweep job returns to the sweeper, and which way is better. Validation metrics only:
+# the test split is for reporting the chosen model, never for choosing it.
+OBJECTIVES = {VAL_NLL: "minimize", VAL_ECE: "minimize", VAL_BRIER: "minimize"}
+DEFAULT_OBJECTIVE = VAL_NLL
+
+# The few numbers people compare runs by: reports/metrics.json (DVC's metrics: `dvc exp
+# show`, `dvc metrics show`), the sweep summary's columns and the stages' summary lines.
+HEADLINE = {
+    "accuracy": test("accuracy"),
+    "nll": test("nll"),
+    "ece": test("ece"),
+    "ece_ts": test("ece", scaled=True),
+    "temperature": TEMPERATURE,
+    "val_nll": VAL_NLL,
+}
+
+
+def short(name: str) -> str:
+    """A column name for a metric: val/ece -> val_ece (HEADLINE's own where it has one)."""
+    for key, full in HEADLINE.items():
+        if full == name:
+            return key
+    return name.replace("/", "_")
+
+
+def evaluate_names(with_intervals: bool = True) -> list[str]:
+    """Every name evaluate writes, in a stable order."""
+    names = []
+    for scaled in (False, True):
+        names += [test(k, scaled) for k in CALIBRATION]
+        if with_intervals:
+            names += [test_ci(k, end, scaled) for k in CALIBRATION for end in CI_ENDS]
+    return [*names, TEMPERATURE, TEMPERATURE_AT_BOUND, VAL_NLL, VAL_ECE, VAL_BRIER]
