@@ -62,7 +62,7 @@ def run_cmd(args: list[str], cwd: Path, env: dict | None = None, check: bool = T
 
 
 def make_project(dest: Path, *overrides: str) -> Path:
-    """A git + DVC project copied from this repo, params.yaml composed with `overrides`."""
+    """A git + DVC project copied from this repo, params.yaml composed from conf/ with `overrides`."""
     dest.mkdir(parents=True, exist_ok=True)
     for name in PROJECT_FILES:
         src = ROOT / name
@@ -71,15 +71,15 @@ def make_project(dest: Path, *overrides: str) -> Path:
         elif src.exists():
             (dest / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(src, dest / name)
-    if overrides:
-        from softmaxlab.config import compose
+    # Always composed from conf/: the workspace's params.yaml may hold an applied experiment.
+    from softmaxlab.config import compose
 
-        cwd = os.getcwd()
-        try:
-            os.chdir(dest)
-            (dest / "params.yaml").write_text(OmegaConf.to_yaml(compose(list(overrides))))
-        finally:
-            os.chdir(cwd)
+    cwd = os.getcwd()
+    try:
+        os.chdir(dest)
+        (dest / "params.yaml").write_text(OmegaConf.to_yaml(compose(list(overrides))))
+    finally:
+        os.chdir(cwd)
     env = env_with_venv()
     run_cmd(["git", "init", "-q", "-b", "main"], dest, env)
     run_cmd(["git", "-c", "user.name=t", "-c", "user.email=t@t", "add", "-A"], dest, env)

@@ -3,6 +3,8 @@ is validated with a message that names the key, the value and what is allowed.""
 
 from __future__ import annotations
 
+import subprocess
+
 import pytest
 from conftest import ROOT, compose_config
 from omegaconf import OmegaConf
@@ -11,15 +13,30 @@ from softmaxlab.config import Config, compose, flatten, load_params, project_roo
 from softmaxlab.errors import UserError
 
 
+def committed_params() -> dict:
+    """params.yaml as committed (git HEAD), else as on disk outside a git checkout."""
+    shown = subprocess.run(["git", "show", "HEAD:params.yaml"], cwd=ROOT, capture_output=True, text=True)
+    text = shown.stdout if shown.returncode == 0 else (ROOT / "params.yaml").read_text()
+    return OmegaConf.to_container(OmegaConf.create(text))
+
+
 def test_params_yaml_is_the_composed_default_of_conf():
-    committed = OmegaConf.to_container(OmegaConf.load(ROOT / "params.yaml"))
-    assert committed == OmegaConf.to_container(compose()), "params.yaml drifted: run `make params`"
+    # The committed params.yaml is conf/ composed. The workspace's may differ on purpose: an
+    # experiment applied with `dvc exp apply` (or run with `dvc exp run -S`) changes only it;
+    # `softmaxlab adopt` makes those values conf/'s defaults before they are committed.
+    composed = OmegaConf.to_container(compose())
+    workspace = OmegaConf.to_container(OmegaConf.load(ROOT / "params.yaml"))
+    if workspace != composed:
+        assert committed_params() == composed, (
+            "params.yaml drifted from conf/: run `make params` after editing conf/, or "
+            "`softmaxlab adopt` to make an experiment's values conf/'s defaults"
+        )
     # The typed schema changes nothing: the Hydra app composes the same values as DVC.
-    assert committed == OmegaConf.to_container(compose(with_schema=True))
+    assert composed == OmegaConf.to_container(compose(with_schema=True))
 
 
 def test_defaults_are_the_tutorials():
-    cfg = load_params(ROOT / "params.yaml")
+    cfg = compose_config()
     assert cfg.data.centers == [[15, 0], [15, 15], [0, 15], [30, 15]]
     assert (cfg.data.cluster_std, cfg.data.n_samples, cfg.data.n_test) == (1.5, 1000, 250)
     assert cfg.model.hidden == [12, 8] and cfg.model.activation == "relu"
@@ -105,3 +122,45 @@ def test_integer_centers_are_accepted_and_become_floats():
 def test_bad_centers_are_refused(centers):
     with pytest.raises(UserError, match=r"data\.centers"):
         compose_config(f"data.centers={centers}")
+
+
+@pytest.fixture
+def project_copy(tmp_path, monkeypatch):
+    import shutil
+
+    shutil.copytree(ROOT / "conf", tmp_path / "conf")
+    shutil.copy2(ROOT / "dvc.yaml", tmp_path / "dvc.yaml")
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+def test_check_names_what_params_yaml_changes_against_conf(project_copy, monkeypatch):
+    from softmaxlab.check import drift_note
+
+    params = project_copy / "params.yaml"
+    params.write_text(OmegaConf.to_yaml(compose(["optimizer.lr=0.01"])))
+    note = drift_note(params)
+    assert "optimizer.lr=0.01 (conf/: 0.001)" in note and "softmaxlab adopt" in note
+    monkeypatch.setenv("DVC_EXP_NAME", "lr-exp")
+    assert drift_note(params) == "check: experiment lr-exp sets optimizer.lr=0.01 (conf/: 0.001)"
+    params.write_text(OmegaConf.to_yaml(compose()))
+    assert drift_note(params) is None
+
+
+def test_adopt_writes_an_experiments_values_into_conf_keeping_comments(project_copy):
+    from softmaxlab.adopt import adopt
+
+    overrides = ["model=wide", "model.dropout=0.2", "optimizer=sgd", "seed=7", "train.epochs=12"]
+    wanted = OmegaConf.to_container(compose(overrides))
+    (project_copy / "params.yaml").write_text(OmegaConf.to_yaml(wanted))
+    changes = adopt(project_copy)
+    assert "conf/config.yaml: model: seed -> wide" in changes
+    assert "conf/model/wide.yaml: dropout: 0.1 -> 0.2" in changes
+    assert "conf/config.yaml: seed: 42 -> 7" in changes
+    # conf/ now composes to exactly what the experiment ran, and params.yaml is that.
+    assert OmegaConf.to_container(compose()) == wanted
+    assert OmegaConf.to_container(OmegaConf.load(project_copy / "params.yaml")) == wanted
+    main = (project_copy / "conf" / "config.yaml").read_text()
+    assert "# The single source of truth" in main and "  - sweep: null" in main
+    assert "# The tutorial's training loop." in (project_copy / "conf" / "train" / "default.yaml").read_text()
+    assert adopt(project_copy) == []  # nothing left to adopt

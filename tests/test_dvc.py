@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 
 import pytest
 from conftest import make_project, run_cmd, tiny_overrides
@@ -107,3 +108,100 @@ def test_dvc_exp_run_with_hydra_override_composes_conf_and_shows_beside_baseline
     assert "wide-exp" in text
     params = run_cmd(["dvc", "exp", "show", "--csv"], project).stdout
     assert "wide" in params
+
+
+def output_hashes(project) -> dict[str, str]:
+    import hashlib
+
+    return {
+        str(p.relative_to(project)): hashlib.md5(p.read_bytes()).hexdigest()
+        for d in ("data", "models", "predictions", "reports")
+        for p in sorted((project / d).rglob("*"))
+        if p.is_file() and p.name != "params.ok"  # the check stage's own marker
+    }
+
+
+@pytest.fixture
+def committed_project(tmp_path):
+    """A project whose pipeline ran and whose outputs and dvc.lock are committed."""
+    project = make_project(tmp_path / "proj", *tiny_overrides())
+    run_cmd(["dvc", "repro"], project)
+    run_cmd(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qam", "baseline"], project)
+    return project
+
+
+def test_a_bad_value_in_dvc_exp_run_stops_before_any_output_is_removed(committed_project):
+    project = committed_project
+    before = output_hashes(project)
+    proc = run_cmd(["dvc", "exp", "run", "-S", "optimizer.lr=-0.01"], project, check=False)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0
+    assert "optimizer.lr=-0.01 is not allowed" in out and "git checkout HEAD -- params.yaml" in out, out
+    assert "Running stage 'train'" not in out and "Traceback" not in out, out
+    assert output_hashes(project) == before  # the model, predictions and reports are all there
+    assert "lr: -0.01" in (project / "params.yaml").read_text()  # DVC wrote it; the message says how back
+    # The way back the message gives: restore params.yaml, and dvc has nothing to rebuild.
+    run_cmd(["git", "checkout", "HEAD", "--", "params.yaml"], project)
+    again = run_cmd(["dvc", "repro"], project).stdout
+    for stage in ["generate", "train", "evaluate", "report"]:
+        assert f"Stage '{stage}' didn't change, skipping" in again, again
+    assert output_hashes(project) == before
+    assert run_cmd(["dvc", "status"], project).stdout.strip() == "Data and pipelines are up to date."
+
+
+@pytest.mark.parametrize("override,dvc_says", [("model=wdie", "Could not find 'model/wdie'"),
+                                               ("train.epoch=5", "Could not override 'train.epoch'")])  # fmt: skip
+def test_a_config_typo_in_dvc_exp_run_is_dvcs_error_and_changes_nothing(
+    committed_project, override, dvc_says
+):
+    # DVC composes conf/ itself, before any of our code runs, and reports Hydra's error as its
+    # own "unexpected error" (exit code 255): the README says so. Nothing is changed.
+    project = committed_project
+    before, params = output_hashes(project), (project / "params.yaml").read_bytes()
+    proc = run_cmd(["dvc", "exp", "run", "-S", override], project, check=False)
+    assert proc.returncode == 255 and dvc_says in proc.stderr, proc.stderr
+    assert (project / "params.yaml").read_bytes() == params
+    assert output_hashes(project) == before
+
+
+def test_dvc_exp_run_names_and_tags_its_mlflow_run_after_the_experiment(committed_project):
+    project = committed_project
+    sets = [a for o in tiny_overrides("optimizer.lr=0.01") for a in ("-S", o)]
+    run_cmd(["dvc", "exp", "run", "-n", "lr-exp", *sets], project)
+    client, runs = runs_in(project)
+    newest = runs[0]
+    assert newest.info.run_name.startswith("lr-exp: ")
+    assert newest.data.tags["dvc_exp_name"] == "lr-exp"
+    head = run_cmd(["git", "rev-parse", "HEAD"], project).stdout.strip()
+    assert newest.data.tags["dvc_exp_baseline_rev"] == head
+    # The plain `dvc repro` baseline is no experiment: no such tag.
+    assert "dvc_exp_name" not in runs[-1].data.tags
+
+
+def test_the_suite_passes_with_an_applied_experiment_and_adopt_makes_it_the_default(tmp_path):
+    import shutil
+
+    from conftest import ROOT, env_with_venv
+
+    project = make_project(tmp_path / "proj")  # params.yaml is conf/'s default, committed
+    shutil.copytree(ROOT / "tests", project / "tests", ignore=shutil.ignore_patterns("__pycache__"))
+    (project / "pyproject.toml").write_text((ROOT / "pyproject.toml").read_text())
+    sets = [a for o in tiny_overrides("model=wide") for a in ("-S", o)]
+    run_cmd(["dvc", "exp", "run", "-n", "wide-exp", *sets], project)
+    run_cmd(["dvc", "exp", "apply", "wide-exp"], project)
+    env = env_with_venv(PYTHONPATH=str(project / "src"))
+    drift_test = [sys.executable, "-m", "pytest", "-q", "-p", "no:xdist", "-p", "no:cacheprovider",
+                  "tests/test_config.py", "-k", "composed_default or tutorials"]  # fmt: skip
+    assert "2 passed" in run_cmd(drift_test, project, env).stdout
+    # Committed as it is, the experiment is drift, and the test says how to adopt it.
+    run_cmd(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qam", "wide"], project)
+    failed = run_cmd(drift_test, project, env, check=False)
+    assert failed.returncode == 1 and "softmaxlab adopt" in failed.stdout
+    adopted = run_cmd([sys.executable, "-m", "softmaxlab", "adopt"], project, env).stdout
+    assert "conf/config.yaml: model: seed -> wide" in adopted, adopted
+    assert "model: wide" in (project / "conf" / "config.yaml").read_text()
+    run_cmd(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qam", "adopt"], project)
+    # (conf/'s defaults are this project's own now, no longer the tutorial's)
+    assert "1 passed" in run_cmd([*drift_test[:-1], "composed_default"], project, env).stdout
+    # The check stage has nothing left to say about drift.
+    assert "differs from conf/" not in run_cmd(["dvc", "repro"], project).stdout

@@ -162,6 +162,7 @@ class Case:
     env: dict[str, str] = field(default_factory=dict)
     exit_code: int | None = 2  # None: any non-zero (the command is DVC's, not ours)
     changed: set[str] = field(default_factory=set)  # outputs the setup itself altered
+    absent: list[str] = field(default_factory=list)  # what the message must not say
 
 
 DVC = ["dvc", "repro"]
@@ -305,6 +306,33 @@ CASES = [
     Case("app-bad-type", None, [*APP, "train.epochs=many"], ["train.epochs", "many"]),
     Case("app-bad-value", None, [*APP, "optimizer.lr=-1"], ["optimizer.lr=-1.0"]),
     Case("app-unknown-key", None, [*APP, "train.lerning_rate=0.1"], ["lerning_rate"]),
+    # typos get the right hint, not Hydra's `+train.epoch=5` (which would add a key we refuse)
+    Case(
+        "app-typo-key",
+        None,
+        [*APP, "train.epoch=5"],
+        ["train.epoch: no such key; did you mean `train.epochs`?"],
+        absent=["+train.epoch"],
+    ),
+    Case(
+        "app-typo-option",
+        None,
+        [*APP, "model=wdie"],
+        ["model=wdie: no such option; did you mean `model=wide`?", "deep, seed, tiny, wide"],
+    ),
+    Case(
+        "app-added-key",
+        None,
+        [*APP, "+train.epoch=5"],
+        ["train.epoch: no such key; did you mean `train.epochs`?"],
+    ),
+    Case("stage-typo-key", edit_params("train.epoch", "5"), TRAIN, ["did you mean `train.epochs`?"]),
+    Case(
+        "check-typo-key",
+        edit_params("train.epoch", "5"),
+        [sys.executable, "-m", "softmaxlab.check"],
+        ["did you mean `train.epochs`?", "git checkout HEAD -- params.yaml"],
+    ),
     # a sweep whose shared settings are wrong fails once, before any job runs
     Case(
         "sweep-bad-base",
@@ -348,6 +376,8 @@ def test_bad_input_fails_clearly_and_loses_nothing(case, good_project, tmp_path)
         assert proc.returncode == case.exit_code, out
     for needle in case.needles:
         assert needle in out, f"{needle!r} not in:\n{out}"
+    for needle in case.absent:
+        assert needle not in out, f"{needle!r} in:\n{out}"
     assert "Traceback" not in out, out
     if case.cmd[0] == sys.executable:  # ours, not DVC's
         ours = [line for line in proc.stderr.splitlines() if line.startswith("softmaxlab: error:")]

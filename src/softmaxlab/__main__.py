@@ -8,7 +8,9 @@ runs that fell back to the local store to the tracking server.
 
 from __future__ import annotations
 
+import difflib
 import io
+import re
 import sys
 from pathlib import Path
 
@@ -68,6 +70,17 @@ def one_line(hydra_error: str) -> str:
             head = s.rstrip(":").lower()
             continue
         (options if head else keep).append(s.rstrip("."))
+    missing_key = re.search(r"Could not override '([^']+)'", hydra_error)
+    if missing_key and "not in" in hydra_error:
+        from softmaxlab.config import unknown_key_error
+
+        return str(unknown_key_error(missing_key.group(1)))
+    missing_option = re.search(r"Could not find '([^']+)/([^'/]+)'", hydra_error)
+    if missing_option and options:
+        group, option = missing_option.groups()
+        close = difflib.get_close_matches(option, options, n=1, cutoff=0.5)
+        hint = f"did you mean `{group}={close[0]}`? " if close else ""
+        return f"{group}={option}: no such option; {hint}choose one of {', '.join(options)}"
     msg = "; ".join(keep) or "bad command line"
     return msg + (f" ({head}: {', '.join(options)})" if options else "")
 
@@ -162,10 +175,15 @@ def _hydra_main() -> None:
 
 def cli() -> None:
     args = sys.argv[1:]
-    if args and args[0] in ("summarize", "sync", "ui"):
-        from softmaxlab import sweep, sync, ui
+    if args and args[0] in ("summarize", "sync", "ui", "adopt"):
+        from softmaxlab import adopt, sweep, sync, ui
 
-        commands = {"summarize": sweep.summarize_cli, "sync": sync.sync_cli, "ui": ui.ui_cli}
+        commands = {
+            "summarize": sweep.summarize_cli,
+            "sync": sync.sync_cli,
+            "ui": ui.ui_cli,
+            "adopt": adopt.adopt_cli,
+        }
         try:
             commands[args[0]](args[1:])
         except UserError as err:

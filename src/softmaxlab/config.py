@@ -102,6 +102,9 @@ class PathsConfig:
     calibration: str = "reports/calibration"
     figures: str = "reports/figures"
     report: str = "reports/report.html"
+    # The check stage's marker: the first stages depend on it, so a bad params.yaml stops
+    # `dvc repro` before any output is removed (softmaxlab.check).
+    checked: str = "reports/params.ok"
 
 
 @dataclass
@@ -131,8 +134,51 @@ def _one_line(err: OmegaConfBaseException) -> str:
     return f"{key}: {msg}" if key else msg
 
 
+def leaves(node: Any, prefix: str = "") -> dict[str, Any]:
+    """{"model.hidden": [12, 8], ...}: a nested mapping by dotted key (lists are values)."""
+    if not isinstance(node, dict) or not node:
+        return {prefix: node}
+    out: dict[str, Any] = {}
+    for k, v in node.items():
+        out.update(leaves(v, f"{prefix}.{k}" if prefix else str(k)))
+    return out
+
+
+def did_you_mean(key: str) -> str:
+    """`key` is not in the schema: the nearest key there, or the keys it could have meant."""
+    import difflib
+
+    schema = OmegaConf.to_container(OmegaConf.structured(Config))
+    *parents, leaf = key.split(".")
+    node, known = schema, []
+    for p in parents:
+        if not isinstance(node, dict) or p not in node:
+            break
+        node, known = node[p], [*known, p]
+    rest = ""
+    if len(known) < len(parents):  # a group itself is misspelt: match it, keep the rest
+        leaf, rest = parents[len(known)], "." + ".".join([*parents[len(known) + 1 :], leaf])
+    if not isinstance(node, dict):
+        return f"{'.'.join(known)} has no sub-keys"
+    prefix = "".join(f"{k}." for k in known)
+    close = difflib.get_close_matches(leaf, list(node), n=1, cutoff=0.6)
+    if close:
+        return f"did you mean `{prefix}{close[0]}{rest}`?"
+    return "known keys: " + ", ".join(f"{prefix}{k}" for k in node)
+
+
+def unknown_key_error(key: str) -> UserError:
+    return UserError(f"{key}: no such key; {did_you_mean(key)}")
+
+
 def to_config(cfg: DictConfig | dict) -> Config:
     """Merge a composed or loaded config into the schema, then validate it."""
+    raw = OmegaConf.to_container(cfg) if isinstance(cfg, DictConfig) else cfg
+    known = set(leaves(OmegaConf.to_container(OmegaConf.structured(Config))))
+    for key in leaves(raw):
+        # Lists (data.centers, model.hidden) are leaves in the schema.
+        if key not in known and not any(key.startswith(k + ".") for k in known):
+            raise unknown_key_error(key)
     try:
         merged = OmegaConf.merge(OmegaConf.structured(Config), cfg)
         obj = OmegaConf.to_object(merged)
@@ -290,11 +336,24 @@ def compose(overrides: list[str] | None = None, with_schema: bool = False) -> Di
     return cfg
 
 
+def drift(params: str | os.PathLike) -> list[tuple[str, Any, Any]]:
+    """(key, value in params.yaml, value conf/ composes to) for every key where they differ.
+
+    params.yaml is conf/ composed; an experiment (`dvc exp run -S`, `dvc exp apply`) or a
+    hand edit makes them differ on purpose, a conf/ edit without `make params` by mistake."""
+    have = leaves(OmegaConf.to_container(OmegaConf.load(params)))
+    want = leaves(OmegaConf.to_container(compose(with_schema=True)))
+    return [
+        (k, have.get(k), want.get(k)) for k in sorted(have.keys() | want.keys()) if have.get(k) != want.get(k)
+    ]
+
+
 def write_params(path: str | os.PathLike | None = None) -> Path:
     """(Re)write params.yaml from conf/ — `make params`."""
     from softmaxlab.io import write_text
 
     path = Path(path or project_root() / "params.yaml")
+    # Without the schema, as DVC composes it: the same values in the same key order.
     write_text(path, OmegaConf.to_yaml(compose()))
     return path
 

@@ -142,6 +142,7 @@ class Tracker:
         all_tags["entry_point"] = Path(sys.argv[0]).name or "python"
         if os.environ.get("DVC_EXP_NAME"):  # set by DVC in `dvc exp run`'s stage processes
             all_tags["dvc_exp_name"] = os.environ["DVC_EXP_NAME"]
+            all_tags["dvc_exp_baseline_rev"] = os.environ.get("DVC_EXP_BASELINE_REV", "")
         if self.fallback_from:
             all_tags["tracking.fallback_from"] = redact(self.fallback_from)
         run = retry_locked(
