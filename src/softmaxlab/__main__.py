@@ -2,8 +2,7 @@
 
 One composed config runs the four stages in-process into Hydra's run directory and logs one
 MLflow run; `-m` sweeps, one child run per job under a parent run for the sweep.
-`softmaxlab summarize SWEEP_ID` rebuilds a past sweep's summary; `softmaxlab sync` copies
-runs that fell back to the local store to the tracking server.
+Other commands (summarize, sync, ui, adopt) and the config groups: `softmaxlab --help`.
 """
 
 from __future__ import annotations
@@ -173,8 +172,63 @@ def _hydra_main() -> None:
         sys.exit(1)
 
 
+COMMANDS = """\
+softmaxlab: the Keras softmax classifier on make_blobs, end to end (generate -> train ->
+evaluate -> report), tracked in MLflow. `python -m softmaxlab` is the same program.
+
+Commands:
+  softmaxlab [KEY=VALUE ...]             one run, in-process, into outputs/runs/<date>/<time>/
+  softmaxlab -m KEY=A,B [KEY=C,D ...]    a sweep: one job per combination, one MLflow child
+                                         run per job under a parent run, a summary at the end
+  softmaxlab summarize SWEEP_ID [DIR]    rebuild a past sweep's summary from MLflow
+  softmaxlab sync [URI]                  copy runs that fell back to the local store to the
+                                         tracking server
+  softmaxlab ui [PORT]                   MLflow's UI on 127.0.0.1 (default port 5000)
+  softmaxlab adopt                       make params.yaml's values (an applied DVC experiment)
+                                         conf/'s defaults
+  softmaxlab --cfg job [KEY=VALUE ...]   print the composed config and stop
+  softmaxlab --hydra-help                Hydra's own flags (launchers, sweepers, ...)
+The DVC pipeline runs the same stages: `dvc repro`, `dvc exp run -S KEY=VALUE`.
+
+Config groups (GROUP=OPTION; * marks the default):
+{groups}
+Any value: KEY=VALUE, e.g. train.epochs=50, optimizer.lr=0.01, data.seed=1; top level: {top}.
+
+Examples:
+  softmaxlab model=wide optimizer=sgd optimizer.lr=0.01
+  softmaxlab -m model=seed,wide optimizer.lr=0.001,0.01
+  softmaxlab sweep=optuna
+"""
+
+
+def help_text() -> str:
+    """The commands, conf/'s groups with their options (read from conf/), and examples."""
+    import yaml
+
+    from softmaxlab.config import Config
+
+    conf = Path(_config_dir())
+    defaults = {}
+    for entry in yaml.safe_load((conf / "config.yaml").read_text())["defaults"]:
+        if isinstance(entry, dict):
+            ((key, value),) = entry.items()
+            defaults[key.split()[-1]] = value
+    lines = []
+    for group in sorted(p.name for p in conf.iterdir() if p.is_dir()):
+        options = sorted(f.stem for f in (conf / group).glob("*.yaml"))
+        shown = ", ".join(o + ("*" if o == defaults.get(group) else "") for o in options)
+        note = "   (multirun presets: sweep=grid12 runs 12 jobs)" if group == "sweep" else ""
+        lines.append(f"  {group:<10} {shown}{note}")
+    groups = {p.name for p in conf.iterdir() if p.is_dir()}
+    top = ", ".join(k for k in Config.__dataclass_fields__ if k not in groups and k != "paths")
+    return COMMANDS.format(groups="\n".join(lines), top=top)
+
+
 def cli() -> None:
     args = sys.argv[1:]
+    if args and args[0] in ("--help", "-h"):
+        print(help_text(), end="")
+        return
     if args and args[0] in ("summarize", "sync", "ui", "adopt"):
         from softmaxlab import adopt, sweep, sync, ui
 
