@@ -387,3 +387,13 @@ def test_every_metric_rejects_unnormalised_rows(metric):
 def test_n_bins_must_be_positive():
     with pytest.raises(ValueError, match="n_bins"):
         cal.ece([[0.5, 0.5]], [0], n_bins=0)
+
+
+def test_bad_calibration_input_is_a_user_error_and_still_a_value_error():
+    # The stages' entry point turns a UserError into one line and exit code 2.
+    from softmaxlab.calibration import CalibrationInputError, check_inputs
+    from softmaxlab.errors import UserError
+
+    with pytest.raises(UserError, match="sum to 1") as err:
+        check_inputs(np.array([[0.2, 0.2], [0.5, 0.5]]), np.array([0, 1]))
+    assert isinstance(err.value, CalibrationInputError) and isinstance(err.value, ValueError)

@@ -148,6 +148,29 @@ def edit_output(rel: str, fn):
     return apply
 
 
+def unnormalised(path: Path):
+    df = _frame(path)
+    probs = [c for c in df.columns if c.startswith("p")]
+    df[probs] = df[probs] * 0.9  # every row sums to 0.9
+    df.to_parquet(path, index=False)
+
+
+def drop_grid_rows(path: Path):
+    _frame(path).iloc[:-7].to_parquet(path, index=False)
+
+
+def drop_history_column(path: Path):
+    pd.read_csv(path).drop(columns=["val_loss"]).to_csv(path, index=False)
+
+
+def drop_tracking_uri(path: Path):
+    import json
+
+    info = json.loads(path.read_text())
+    del info["tracking_uri"]
+    path.write_text(json.dumps(info))
+
+
 def drop_logits(path: Path):
     df = _frame(path)
     df.drop(columns=[c for c in df.columns if c.startswith("logit")]).to_parquet(path, index=False)
@@ -173,6 +196,7 @@ REPORT = [sys.executable, "-m", "softmaxlab.report"]
 SPLIT = {"data/train.parquet"}
 GRID, TEST_PRED = "predictions/grid.parquet", "predictions/test.parquet"
 METRICS = "reports/calibration/metrics.json"
+HISTORY, TRAIN_JSON = "reports/history.csv", "reports/train.json"
 
 CASES = [
     # params.yaml edited by hand, then `dvc repro`
@@ -293,6 +317,34 @@ CASES = [
         ["metrics.json", "not a readable JSON file", "dvc repro -f -s evaluate"],
         changed={METRICS},
     ),
+    Case(
+        "predictions-not-summing-to-1",
+        edit_output(TEST_PRED, unnormalised),
+        EVALUATE,
+        ["test.parquet", "sum to", "not 1", "dvc repro -f -s train"],
+        changed={TEST_PRED},
+    ),
+    Case(
+        "grid-rows-removed",
+        edit_output(GRID, drop_grid_rows),
+        REPORT,
+        ["grid.parquet", "do not make a full", "dvc repro -f -s train"],
+        changed={GRID},
+    ),
+    Case(
+        "history-column-missing",
+        edit_output(HISTORY, drop_history_column),
+        REPORT,
+        ["history.csv", "no column val_loss", "dvc repro -f -s train"],
+        changed={HISTORY},
+    ),
+    Case(
+        "train-json-without-uri",
+        edit_output(TRAIN_JSON, drop_tracking_uri),
+        REPORT,
+        ["train.json", "no tracking_uri", "dvc repro -f -s train"],
+        changed={TRAIN_JSON},
+    ),
     # environment
     Case(
         "bad-uri-scheme",
@@ -347,6 +399,12 @@ CASES = [
         None,
         [*APP[:3], "-m", "hydra.sweep.dir=sweep_out", "sweep=optuna", "hydra.sweeper.direction=maximize"],
         ["hydra.sweeper.direction=maximize", "objective=val/nll", "minimize"],
+    ),
+    Case(
+        "summarize-quote",
+        None,
+        [sys.executable, "-m", "softmaxlab", "summarize", "a'b"],
+        ['sweep id "a\'b" is not valid'],
     ),
     Case(
         "summarize-usage",

@@ -14,6 +14,8 @@ import urllib.request
 import pytest
 from conftest import compose_config, env_with_venv, make_project, run_cmd, tiny_overrides
 
+from softmaxlab import metrics as names
+
 pytestmark = pytest.mark.slow
 
 
@@ -114,7 +116,7 @@ def test_real_server_receives_runs_directly_and_fallback_runs_by_sync(tmp_path):
         assert copied.data.params == fallback.data.params
         assert copied.data.metrics == fallback.data.metrics
         assert copied.info.status == "FINISHED"
-        hist = remote.get_metric_history(copied.info.run_id, "val_loss")
+        hist = remote.get_metric_history(copied.info.run_id, names.CURVES["val_loss"])
         assert [m.step for m in hist] == [1, 2]
         artifacts = {a.path for a in remote.list_artifacts(copied.info.run_id)}
         assert {"calibration", "figures", "report.html", "model"} <= artifacts
@@ -129,7 +131,7 @@ def test_real_server_receives_runs_directly_and_fallback_runs_by_sync(tmp_path):
         runs = remote.search_runs([exp.experiment_id])
         assert len(runs) == 2
         direct = next(r for r in runs if r.info.run_id != copied.info.run_id)
-        assert direct.info.status == "FINISHED" and "test_ece_ts" in direct.data.metrics
+        assert direct.info.status == "FINISHED" and names.test("ece", scaled=True) in direct.data.metrics
         assert "tracking.fallback_from" not in direct.data.tags
         mlflow.set_tracking_uri(uri)
         models = mlflow.search_logged_models(
@@ -160,3 +162,65 @@ def test_parallel_sweep_of_8_jobs_on_2_workers_loses_no_runs(tmp_path):
     assert children["metrics.test_accuracy"].notna().all()
     parent = df[df["tags.sweep_overrides"].notna()]
     assert len(parent) == 1 and parent.iloc[0]["status"] == "FINISHED"
+
+
+def test_a_sync_that_fails_half_way_leaves_nothing_running_and_the_next_one_copies_once(
+    tmp_path, monkeypatch
+):
+    import mlflow
+    from mlflow.entities import ViewType
+    from mlflow.tracking import MlflowClient
+
+    from softmaxlab import sync
+    from softmaxlab.errors import UserError
+
+    port = free_port()
+    uri = f"http://127.0.0.1:{port}"
+    project = make_project(tmp_path / "proj", *tiny_overrides())
+    run_cmd(["dvc", "repro"], project, env=env_with_venv(MLFLOW_TRACKING_URI=uri))  # falls back
+    local_uri = f"sqlite:///{project / 'mlflow.db'}"
+    local = MlflowClient(local_uri)
+    (fallback,) = local.search_runs([local.get_experiment_by_name("softmaxlab").experiment_id])
+    server = start_mlflow_server(port, tmp_path)
+    try:
+        remote = MlflowClient(uri)
+
+        def remote_runs(view=ViewType.ACTIVE_ONLY):
+            exp = remote.get_experiment_by_name("softmaxlab")
+            return remote.search_runs([exp.experiment_id], run_view_type=view) if exp else []
+
+        def fail_artifacts(*args, **kwargs):
+            raise ConnectionError("connection reset by peer")
+
+        # 1. The connection breaks while artifacts upload: one line, the half copy is ended
+        #    and deleted on the server, the local run is not marked synced.
+        with monkeypatch.context() as m:
+            m.setattr(MlflowClient, "log_artifacts", fail_artifacts)
+            with pytest.raises(UserError, match="sync stopped at run .*connection reset.*softmaxlab sync"):
+                sync.sync(uri, local_uri)
+        assert remote_runs() == []
+        assert [r.info.status for r in remote_runs(ViewType.DELETED_ONLY)] == ["FAILED"]
+        assert sync.SYNCED_TAG not in local.get_run(fallback.info.run_id).data.tags
+        # 2. The same, but the server could not even be told: the half copy stays RUNNING there.
+        with monkeypatch.context() as m:
+            m.setattr(MlflowClient, "log_artifacts", fail_artifacts)
+            m.setattr(sync, "_discard", lambda dst, run_id: None)
+            with pytest.raises(UserError):
+                sync.sync(uri, local_uri)
+        assert [r.info.status for r in remote_runs()] == ["RUNNING"]
+        # 3. The next sync replaces it: one complete copy, nothing RUNNING, no duplicate.
+        assert len(sync.sync(uri, local_uri)) == 1
+        (copied,) = remote_runs()
+        assert copied.info.status == "FINISHED" and copied.data.tags[sync.COMPLETE_TAG] == "true"
+        assert copied.data.tags[sync.COPY_TAG] == fallback.info.run_id
+        assert {"calibration", "figures", "report.html"} <= {
+            a.path for a in remote.list_artifacts(copied.info.run_id)
+        }
+        assert "RUNNING" not in [r.info.status for r in remote_runs(ViewType.ALL)]
+        # 4. Once more: nothing to copy.
+        assert sync.sync(uri, local_uri) == []
+        assert len(remote_runs()) == 1
+    finally:
+        mlflow.set_tracking_uri(None)
+        server.terminate()
+        server.wait(timeout=30)

@@ -12,12 +12,15 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from softmaxlab.errors import UserError
+
 if TYPE_CHECKING:  # pandas is imported only by the two table functions: it costs ~0.5 s
     import pandas as pd
 
 
-class CalibrationInputError(ValueError):
-    """Probabilities, logits or labels that no metric can be computed from."""
+class CalibrationInputError(UserError, ValueError):
+    """Probabilities, logits or labels that no metric can be computed from: bad input, so a
+    user error (one line, exit 2) for the stages, and still a ValueError for library callers."""
 
 
 def _as_matrix(a, what: str) -> np.ndarray:

@@ -19,6 +19,7 @@ import numpy as np
 import pandas as pd
 
 from softmaxlab.errors import UserError
+from softmaxlab.metrics import CURVES
 
 FEATURES = ("x1", "x2")
 
@@ -149,24 +150,71 @@ def predictions_frame(logits: np.ndarray, probs: np.ndarray, labels: np.ndarray)
     return df
 
 
+RECREATE_TRAIN = "re-create it with `dvc repro -f -s train`"
+HISTORY_COLUMNS = ("epoch", *CURVES)
+TRAIN_INFO_KEYS = ("run_id", "experiment_id", "tracking_uri")
+
+
+def _check_probabilities(path, probs: np.ndarray, atol: float = 1e-3) -> None:
+    """Each row a distribution: finite, in [0, 1], summing to 1 (a hand-edited file is not)."""
+    bad = ~np.isfinite(probs) | (probs < 0) | (probs > 1)
+    if bad.any():
+        i, j = np.argwhere(bad)[0]
+        raise UserError(
+            f"{path}: probability p{j} = {probs[i, j]} at row {i} is not in [0, 1]; {RECREATE_TRAIN}"
+        )
+    off = np.abs(probs.sum(axis=1) - 1)
+    if (off > atol).any():
+        i = int(np.argmax(off))
+        raise UserError(
+            f"{path}: the probabilities of row {i} sum to {probs[i].sum():.6g}, not 1; {RECREATE_TRAIN}"
+        )
+
+
 def read_predictions(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(logits, probs, labels) from a predictions file written by the train stage."""
     df = read_output(path, pd.read_parquet, "predictions", "train")
     k = n_classes_of(df)
     _require_columns(path, df, [*prob_columns(k), *logit_columns(k), "label"], k)
-    return (
-        df[logit_columns(k)].to_numpy(np.float64),
-        df[prob_columns(k)].to_numpy(np.float64),
-        df["label"].to_numpy(np.int64),
-    )
+    probs = df[prob_columns(k)].to_numpy(np.float64)
+    _check_probabilities(path, probs)
+    return df[logit_columns(k)].to_numpy(np.float64), probs, df["label"].to_numpy(np.int64)
 
 
 def read_grid(path: str | os.PathLike) -> pd.DataFrame:
-    """The train stage's predictions over a grid of the input plane: x1, x2, p0..p{k-1}."""
+    """The train stage's predictions over a grid of the input plane: x1, x2, p0..p{k-1}, one
+    row per point of a full grid (the landscape is drawn from it as an image)."""
     df = read_output(path, pd.read_parquet, "grid predictions", "train")
     k = n_classes_of(df)
     _require_columns(path, df, [*FEATURES, *prob_columns(k)], k)
+    nx, ny = df["x1"].nunique(), df["x2"].nunique()
+    if len(df) != nx * ny or df.duplicated(list(FEATURES)).any():
+        raise UserError(
+            f"{path}: {len(df)} rows do not make a full {nx} x {ny} grid of (x1, x2); {RECREATE_TRAIN}"
+        )
+    _check_probabilities(path, df[prob_columns(k)].to_numpy(np.float64))
     return df
+
+
+def read_history(path: str | os.PathLike) -> pd.DataFrame:
+    """The train stage's per-epoch history: one row per epoch, HISTORY_COLUMNS at least."""
+    df = read_output(path, pd.read_csv, "training history", "train")
+    missing = [c for c in HISTORY_COLUMNS if c not in df.columns]
+    if missing or df.empty:
+        what = f"has no column {', '.join(missing)}" if missing else "has no rows"
+        raise UserError(f"{path}: the training history {what}; {RECREATE_TRAIN}")
+    return df
+
+
+def read_train_info(path: str | os.PathLike) -> dict:
+    """The train stage's record (reports/train.json): the MLflow run later stages add to."""
+    info = read_output(path, read_json, "training record", "train")
+    missing = (
+        [k for k in TRAIN_INFO_KEYS if k not in info] if isinstance(info, dict) else list(TRAIN_INFO_KEYS)
+    )
+    if missing:
+        raise UserError(f"{path}: the training record has no {', '.join(missing)}; {RECREATE_TRAIN}")
+    return info
 
 
 def _require_columns(path, df: pd.DataFrame, expected: list[str], k: int) -> None:

@@ -22,10 +22,10 @@ from softmaxlab.config import Config, as_dict, load_params
 from softmaxlab.errors import entry_point
 from softmaxlab.io import (
     read_grid,
-    read_json,
-    read_output,
+    read_history,
     read_predictions,
     read_split,
+    read_train_info,
     save_figure,
     write_text,
 )
@@ -45,7 +45,7 @@ def make_figures(cfg: Config, root: Path, metrics: dict[str, float], tables: dic
     k = len(cfg.data.centers)
     train = read_split(root / cfg.paths.train_data, k)
     test = read_split(root / cfg.paths.test_data, k)
-    history = read_output(root / cfg.paths.history, pd.read_csv, "training history", "train")
+    history = read_history(root / cfg.paths.history)
     _, probs, labels = read_predictions(root / cfg.paths.predictions / "test.parquet")
     grid = read_grid(root / cfg.paths.predictions / "grid.parquet")
     acc = float(np.mean(probs.argmax(axis=1) == labels))
@@ -211,7 +211,7 @@ def run(cfg: Config, root: Path, tracker=None, run_id: str | None = None) -> Pat
 
 
 def train_info(cfg: Config, root: Path = Path(".")) -> dict:
-    return read_output(root / cfg.paths.train_info, read_json, "training record", "train")
+    return read_train_info(root / cfg.paths.train_info)
 
 
 @entry_point

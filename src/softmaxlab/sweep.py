@@ -9,6 +9,7 @@ processes inherit.
 from __future__ import annotations
 
 import os
+import re
 import sys
 import uuid
 from pathlib import Path
@@ -253,6 +254,10 @@ def summarize_cli(args: list[str]) -> None:
     if not args or len(args) > 2:
         raise UserError("usage: softmaxlab summarize SWEEP_ID [OUT_DIR]")
     sid = args[0]
+    # Sweep ids are `<time>-<hex>` (on_multirun_start); anything else cannot be one, and a
+    # quote would break MLflow's search filter.
+    if not re.fullmatch(r"[\w.:-]+", sid):
+        raise UserError(f"sweep id {sid!r} is not valid: it has letters, digits, '-', '_', '.' and ':' only")
     cfg = load_params(project_root() / "params.yaml")
     tracker = tracking.connect(cfg)
     if tracker is None:

@@ -9,6 +9,7 @@ sync copies nothing twice.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import tempfile
@@ -19,14 +20,39 @@ SYNCED_TAG = "tracking.synced_to"
 FALLBACK_TAG = "tracking.fallback_from"
 
 
-def _copy_run(src, dst, run, experiment_id: str) -> str:
-    from mlflow.entities import Metric, Param
+COPY_TAG = "tracking.synced_from_run"
+COMPLETE_TAG = "tracking.sync_complete"
 
+
+def _copy_run(src, dst, run, experiment_id: str) -> str:
+    """Copy one run; the copy is marked complete last. A copy that fails half-way is ended
+    FAILED and deleted on the server (if it still answers), and the next sync replaces it."""
     skip = {FALLBACK_TAG, SYNCED_TAG, "mlflow.runName"}
     tags = {k: v for k, v in run.data.tags.items() if k not in skip}
-    tags["tracking.synced_from_run"] = run.info.run_id
+    tags[COPY_TAG] = run.info.run_id
     new = dst.create_run(experiment_id, start_time=run.info.start_time, tags=tags, run_name=run.info.run_name)
     rid = new.info.run_id
+    try:
+        _copy_contents(src, dst, run, rid)
+        dst.set_tag(rid, COMPLETE_TAG, "true")
+    except BaseException:
+        _discard(dst, rid)
+        raise
+    dst.set_terminated(rid, run.info.status, end_time=run.info.end_time)
+    return rid
+
+
+def _discard(dst, run_id: str) -> None:
+    # Best effort: the server may be what failed. What stays behind is found and replaced by
+    # the next sync (_previous_copy).
+    with contextlib.suppress(Exception):
+        dst.set_terminated(run_id, "FAILED")
+        dst.delete_run(run_id)
+
+
+def _copy_contents(src, dst, run, rid: str) -> None:
+    from mlflow.entities import Metric, Param
+
     params = [Param(k, v) for k, v in run.data.params.items()]
     metrics = [
         Metric(m.key, m.value, m.timestamp, m.step)
@@ -51,12 +77,23 @@ def _copy_run(src, dst, run, experiment_id: str) -> str:
         ):
             files = mlflow.artifacts.download_artifacts(model.model_uri, dst_path=os.path.join(tmp, "m"))
             dst.log_artifacts(rid, files, model.name)
-    dst.set_terminated(rid, run.info.status, end_time=run.info.end_time)
-    return rid
+
+
+def _previous_copy(dst, experiment_id: str, local_run_id: str) -> str | None:
+    """The server's complete copy of a local run from an earlier sync (whose local tag was not
+    written, e.g. the local store failed), else None; incomplete copies are deleted."""
+    complete = None
+    for r in dst.search_runs([experiment_id], filter_string=f"tags.`{COPY_TAG}` = '{local_run_id}'"):
+        if r.data.tags.get(COMPLETE_TAG) == "true" and complete is None:
+            complete = r.info.run_id
+        else:
+            _discard(dst, r.info.run_id)
+    return complete
 
 
 def sync(target_uri: str, local_uri: str) -> list[tuple[str, str]]:
-    """Copy every not-yet-synced fallback run for target_uri; returns (local, remote) ids."""
+    """Copy every not-yet-synced fallback run for target_uri; returns (local, remote) ids.
+    Safe to repeat: a run is copied once, a half-done copy is replaced."""
     import mlflow
     from mlflow.tracking import MlflowClient
 
@@ -80,7 +117,16 @@ def sync(target_uri: str, local_uri: str) -> list[tuple[str, str]]:
         mlflow.set_tracking_uri(local_uri)  # model lookups below read the local store
         remote_exp = ensure_experiment(target_uri, exp.name)
         for run in pending:
-            rid = _copy_run(src, dst, run, remote_exp)
+            try:
+                rid = _previous_copy(dst, remote_exp, run.info.run_id) or _copy_run(src, dst, run, remote_exp)
+            except UserError:
+                raise
+            except Exception as err:  # the server or the network went away half-way
+                first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+                raise UserError(
+                    f"sync stopped at run {run.info.run_id} ({first}); {len(copied)} run(s) copied before it; "
+                    "run `softmaxlab sync` again: it replaces a half-done copy, and copies no run twice"
+                ) from err
             src.set_tag(run.info.run_id, SYNCED_TAG, rid)
             copied.append((run.info.run_id, rid))
     return copied
