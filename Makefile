@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 # Stage commands are `python -m softmaxlab...`: run them with the venv's python.
 export PATH := $(BIN):$(PATH)
 
-.PHONY: setup setup-gpu run test test-fast bench lint params ui lock clean
+.PHONY: setup setup-gpu run test test-fast bench lint params ui serve lock clean
 
 setup: $(STAMP)
 
@@ -49,6 +49,12 @@ params: setup
 ## ui: MLflow's UI on http://127.0.0.1:5000 (local only); prints the runs table's link once it answers
 ui: setup
 	@$(BIN)/python -m softmaxlab ui
+
+## serve: the registered model's champion (`softmaxlab promote` picks it) on
+## http://127.0.0.1:$(PORT)/invocations, against the project's tracking store; `make serve PORT=5002`
+PORT ?= 5001
+serve: setup
+	$(BIN)/python -m softmaxlab serve --port $(PORT)
 
 ## lock: re-pin every dependency to what is installed now
 lock:

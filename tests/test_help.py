@@ -21,7 +21,7 @@ def test_help_lists_the_commands_groups_and_options_not_hydras_generic_page():
     assert out == help_output("-h")
     assert "powered by Hydra" not in out
     for command in ["softmaxlab -m", "softmaxlab summarize SWEEP_ID", "softmaxlab sync", "softmaxlab ui",
-                    "softmaxlab adopt", "dvc repro"]:  # fmt: skip
+                    "softmaxlab adopt", "softmaxlab promote", "softmaxlab serve", "dvc repro"]:  # fmt: skip
         assert command in out, command
     # Every group in conf/ with every option, the default marked; the schema is internal.
     groups = {

@@ -137,25 +137,6 @@ def test_mlflow_run_holds_params_curves_metrics_artifacts_model_and_provenance(t
     assert {"metrics.json", "reliability.csv", "reliability_ts.csv", "classwise.csv"} <= calibration
 
 
-def test_logged_model_loads_and_predicts_the_saved_probabilities(trained):
-    import mlflow
-
-    tracker, run_id, cfg, root = trained["tracker"], trained["run_id"], trained["cfg"], trained["root"]
-    models = mlflow.search_logged_models(
-        experiment_ids=[tracker.experiment_id],
-        filter_string=f"source_run_id = '{run_id}'",
-        output_format="list",
-    )
-    assert len(models) == 1
-    info = mlflow.models.get_model_info(models[0].model_uri)
-    assert info.signature is not None and info.saved_input_example_info is not None
-    test = pd.read_parquet(root / cfg.paths.test_data)
-    loaded = mlflow.pyfunc.load_model(models[0].model_uri)
-    out = np.asarray(loaded.predict(test[["x1", "x2"]].to_numpy(np.float32)))
-    _, probs, _ = read_predictions(root / cfg.paths.predictions / "test.parquet")
-    np.testing.assert_allclose(out, probs, atol=1e-5)
-
-
 def test_same_config_gives_bit_identical_data_and_only_data_seed_moves_it():
     cfg = compose_config(*tiny_overrides())
     a_train, a_test = generate.generate(cfg.data)

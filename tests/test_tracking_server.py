@@ -119,7 +119,7 @@ def test_real_server_receives_runs_directly_and_fallback_runs_by_sync(tmp_path):
         hist = remote.get_metric_history(copied.info.run_id, names.CURVES["val_loss"])
         assert [m.step for m in hist] == [1, 2]
         artifacts = {a.path for a in remote.list_artifacts(copied.info.run_id)}
-        assert {"calibration", "figures", "report.html", "model"} <= artifacts
+        assert {"calibration", "figures", "report.html", "calibrated"} <= artifacts
         # A second sync copies nothing twice.
         again = run_cmd(["softmaxlab", "sync"], project, env=env_with_venv(MLFLOW_TRACKING_URI=uri))
         assert "0 run(s) copied" in again.stderr

@@ -2,7 +2,7 @@
 
 One composed config runs the four stages in-process into Hydra's run directory and logs one
 MLflow run; `-m` sweeps, one child run per job under a parent run for the sweep.
-Other commands (summarize, sync, ui, adopt) and the config groups: `softmaxlab --help`.
+Other commands (summarize, sync, ui, adopt, promote, serve) and the config groups: `softmaxlab --help`.
 """
 
 from __future__ import annotations
@@ -186,6 +186,10 @@ Commands:
   softmaxlab ui [PORT]                   MLflow's UI on 127.0.0.1 (default port 5000)
   softmaxlab adopt                       make params.yaml's values (an applied DVC experiment)
                                          conf/'s defaults
+  softmaxlab promote [--dry-run]         point the registered model's `champion` alias at
+                                         its best version (validation metrics only)
+  softmaxlab serve [--port N] [--version N]
+                                         serve the champion (or a version) on 127.0.0.1
   softmaxlab --cfg job [KEY=VALUE ...]   print the composed config and stop
   softmaxlab --hydra-help                Hydra's own flags (launchers, sweepers, ...)
 The DVC pipeline runs the same stages: `dvc repro`, `dvc exp run -S KEY=VALUE`.
@@ -229,14 +233,16 @@ def cli() -> None:
     if args and args[0] in ("--help", "-h"):
         print(help_text(), end="")
         return
-    if args and args[0] in ("summarize", "sync", "ui", "adopt"):
-        from softmaxlab import adopt, sweep, sync, ui
+    if args and args[0] in ("summarize", "sync", "ui", "adopt", "promote", "serve"):
+        from softmaxlab import adopt, promote, serve, sweep, sync, ui
 
         commands = {
             "summarize": sweep.summarize_cli,
             "sync": sync.sync_cli,
             "ui": ui.ui_cli,
             "adopt": adopt.adopt_cli,
+            "promote": promote.promote_cli,
+            "serve": serve.serve_cli,
         }
         try:
             commands[args[0]](args[1:])

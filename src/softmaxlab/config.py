@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -88,6 +89,8 @@ class TrackingConfig:
     experiment: str = "softmaxlab"
     uri: str = ""
     log_model: bool = True
+    # Each run's calibrated model becomes a new version of this registered model.
+    registered_model: str = "softmaxlab"
 
 
 @dataclass
@@ -301,6 +304,13 @@ def validate(cfg: Config) -> None:
     _choice("objective", cfg.objective, tuple(OBJECTIVES))
     if not cfg.tracking.experiment.strip():
         raise _bad("tracking.experiment", cfg.tracking.experiment, "give a non-empty experiment name")
+    # It ends up in `models:/<name>@champion`, where a / or @ would change the URI's meaning.
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}", cfg.tracking.registered_model):
+        raise _bad(
+            "tracking.registered_model",
+            cfg.tracking.registered_model,
+            "1-100 letters, digits, '_', '.' or '-', starting with a letter or digit",
+        )
 
 
 def project_root(start: str | os.PathLike | None = None) -> Path:

@@ -21,6 +21,7 @@ from softmaxlab import metrics as names
 from softmaxlab.config import Config, as_dict, load_params
 from softmaxlab.errors import entry_point
 from softmaxlab.io import (
+    FEATURES,
     read_grid,
     read_history,
     read_predictions,
@@ -186,9 +187,14 @@ def description(cfg: Config, metrics: dict[str, float]) -> str:
 
 
 def record_evaluation(tracker, run_id: str, cfg: Config, root: Path, metrics: dict[str, float]) -> None:
+    """Evaluate's metrics and tables, then the calibrated model (it needs the temperature)."""
     tracker.log_metrics(run_id, metrics)
     tracker.set_tags(run_id, {"mlflow.note.content": description(cfg, metrics)})
     tracker.log_artifacts(run_id, [root / cfg.paths.calibration], "calibration")
+    if cfg.tracking.log_model:
+        k = len(cfg.data.centers)
+        example = read_split(root / cfg.paths.test_data, k)[list(FEATURES)].iloc[:1]
+        tracker.log_calibrated_model(run_id, root / cfg.paths.model, metrics["temperature"], example, k)
 
 
 def record_report(tracker, run_id: str, cfg: Config, root: Path) -> None:

@@ -25,6 +25,8 @@ from softmaxlab.errors import UserError
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
 # How long a remote tracking server may take to answer before we fall back (see connect).
 REACHABLE_TIMEOUT_S = 5.0
+# The run's logged model: calibrated probabilities, see serve_model.py.
+CALIBRATED_MODEL = "calibrated"
 VERSIONED_PACKAGES = ("softmaxlab", "tensorflow", "keras", "numpy", "scikit-learn", "mlflow", "dvc")
 
 
@@ -200,7 +202,8 @@ class Tracker:
                 self.client.log_artifact(run_id, str(p), artifact_path)
 
     def log_training(self, run_id: str, result: Any, cfg: Config) -> None:
-        """Per-epoch curves (step = epoch), training time, device, and the model."""
+        """Per-epoch curves (step = epoch), training time and device. The model is logged by
+        the report stage, calibrated (log_calibrated_model), once its temperature is fitted."""
         from mlflow.entities import Metric
 
         from softmaxlab.metrics import CURVES, TRAIN_SECONDS
@@ -214,26 +217,45 @@ class Tracker:
         self._log_metric_objects(run_id, curves)
         self.log_metrics(run_id, {TRAIN_SECONDS: result.train_seconds})
         self.set_tags(run_id, {"device": result.device})
-        if cfg.tracking.log_model:
-            self.log_model(result.model, result.predictions["test"])
 
-    def log_model(self, model, test_predictions) -> None:
-        """The model in MLflow's TensorFlow/Keras flavour, with signature and input example.
-        Requirements are pinned from the running versions: inferring them costs seconds."""
+    def log_calibrated_model(
+        self, run_id: str, model_path: Path, temperature: float, example: Any, n_classes: int
+    ) -> Any:
+        """The run's model as served: softmax(logits / T) from serve_model.py (MLflow's
+        "models from code"), registered as a new version of tracking.registered_model.
+        `example` is a one-row frame of real inputs. Returns MLflow's ModelInfo."""
         import mlflow
-        import numpy as np
-        from mlflow.models import infer_signature
+        from mlflow.models import Model, ModelSignature
+        from mlflow.types import ColSpec, Schema
 
-        from softmaxlab.io import n_classes_of, prob_columns
+        from softmaxlab import serve_model
+        from softmaxlab.io import FEATURES, prob_columns
 
-        k = n_classes_of(test_predictions)
-        example = np.zeros((5, 2), np.float32)
-        signature = infer_signature(example, test_predictions[prob_columns(k)].to_numpy(np.float32)[:5])
-        reqs = [f"{p}=={metadata.version(p)}" for p in ("tensorflow", "keras", "numpy")]
-        retry_locked(
-            mlflow.tensorflow.log_model,
-            model, name="model", signature=signature, input_example=example, pip_requirements=reqs,
-        )  # fmt: skip
+        classes = prob_columns(n_classes)
+        signature = ModelSignature(
+            inputs=Schema([ColSpec("double", f) for f in FEATURES]),
+            outputs=Schema(
+                [*(ColSpec("double", c) for c in classes), ColSpec("long", serve_model.PREDICTED_CLASS)]
+            ),
+        )
+        # Pinned from the running versions: inferring requirements costs seconds.
+        reqs = [f"{p}=={metadata.version(p)}" for p in ("mlflow", "keras", "tensorflow", "numpy", "pandas")]
+        # Model.log, not mlflow.pyfunc.log_model: it takes the run id, and the DVC report
+        # stage adds to a run that the train stage has already closed.
+        return retry_locked(
+            Model.log,
+            None,
+            name=CALIBRATED_MODEL,
+            flavor=mlflow.pyfunc,
+            run_id=run_id,
+            python_model=str(Path(serve_model.__file__)),
+            artifacts={serve_model.KERAS_ARTIFACT: str(model_path)},
+            model_config={"temperature": float(temperature), "features": list(FEATURES), "classes": classes},
+            signature=signature,
+            input_example=example,
+            pip_requirements=reqs,
+            registered_model_name=self.cfg.tracking.registered_model,
+        )
 
 
 def connect(cfg: Config) -> Tracker | None:
