@@ -29,16 +29,16 @@ ROWS = [[15.0, 0.0], [0.0, 15.0]]
 
 
 # -- the logged model -----------------------------------------------------------------------
-def calibrated_model(trained):
+def calibrated_model(trained) -> str:
+    """The run's calibrated model; the raw Keras model is not logged beside it."""
     import mlflow
 
+    client, run_id = trained["tracker"].client, trained["run_id"]
     models = mlflow.search_logged_models(
-        experiment_ids=[trained["tracker"].experiment_id],
-        filter_string=f"source_run_id = '{trained['run_id']}'",
-        output_format="list",
+        experiment_ids=[trained["tracker"].experiment_id], filter_string=f"source_run_id = '{run_id}'"
     )
-    assert [m.name for m in models] == ["calibrated"]  # no uncalibrated model beside it
-    return models[0]
+    assert len(models) == 0 and "calibrated" in {a.path for a in client.list_artifacts(run_id)}
+    return f"runs:/{run_id}/calibrated"
 
 
 def expected_probs(root, cfg, temperature: float) -> tuple[np.ndarray, np.ndarray]:
@@ -52,15 +52,13 @@ def test_run_logs_and_registers_the_calibrated_model(trained):
     import mlflow
 
     cfg, root, metrics = trained["cfg"], trained["root"], trained["metrics"]
-    model = calibrated_model(trained)
-    info = mlflow.models.get_model_info(model.model_uri)
+    uri = calibrated_model(trained)
+    info = mlflow.models.get_model_info(uri)
     assert info.signature.inputs.input_names() == ["x1", "x2"]
     assert info.signature.outputs.input_names() == [*prob_columns(4), "predicted_class"]
     config = info.flavors["python_function"]["config"]
     assert config["temperature"] == metrics["temperature"] and config["features"] == ["x1", "x2"]
-    example = mlflow.models.Model.load(model.model_uri).load_input_example(
-        mlflow.artifacts.download_artifacts(model.model_uri)
-    )
+    example = mlflow.models.Model.load(uri).load_input_example(mlflow.artifacts.download_artifacts(uri))
     test = pd.read_parquet(root / cfg.paths.test_data)
     assert example.to_numpy().tolist() == test[["x1", "x2"]].iloc[:1].to_numpy().tolist()
 
@@ -70,14 +68,14 @@ def test_run_logs_and_registers_the_calibrated_model(trained):
         for v in client.search_model_versions(f"name = '{cfg.tracking.registered_model}'")
         if v.run_id == trained["run_id"]
     ]
-    assert version.source == model.model_uri
+    assert version.source.endswith(f"{trained['run_id']}/artifacts/calibrated")
 
 
 def test_calibrated_model_predicts_softmax_of_logits_over_t(trained):
     import mlflow
 
     cfg, root, metrics = trained["cfg"], trained["root"], trained["metrics"]
-    loaded = mlflow.pyfunc.load_model(calibrated_model(trained).model_uri)
+    loaded = mlflow.pyfunc.load_model(calibrated_model(trained))
     test = pd.read_parquet(root / cfg.paths.test_data)
     out = loaded.predict(test[["x1", "x2"]])
     probs, classes = expected_probs(root, cfg, metrics["temperature"])
@@ -105,7 +103,7 @@ def test_calibrated_model_refuses_what_schema_enforcement_lets_through(trained, 
     import mlflow
     from mlflow.exceptions import MlflowException
 
-    loaded = mlflow.pyfunc.load_model(calibrated_model(trained).model_uri)
+    loaded = mlflow.pyfunc.load_model(calibrated_model(trained))
     with pytest.raises(MlflowException, match=message) as err:
         loaded.predict(frame)
     assert err.value.get_http_status_code() == 400

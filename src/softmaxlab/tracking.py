@@ -220,12 +220,20 @@ class Tracker:
 
     def log_calibrated_model(
         self, run_id: str, model_path: Path, temperature: float, example: Any, n_classes: int
-    ) -> Any:
+    ) -> str:
         """The run's model as served: softmax(logits / T) from serve_model.py (MLflow's
-        "models from code"), registered as a new version of tracking.registered_model.
-        `example` is a one-row frame of real inputs. Returns MLflow's ModelInfo."""
+        "models from code"), saved under the run's artifacts as `calibrated` and registered
+        as a new version of tracking.registered_model. `example` is a one-row frame of real
+        inputs. Returns the new version's number.
+
+        Saved and logged as artifacts rather than with log_model: log_model loads the model
+        to check the input example, which imports Keras and TensorFlow into the report stage
+        (about 7 s, in a stage that otherwise needs neither). The tests serve the logged
+        model and check its answers instead."""
+        import tempfile
+
         import mlflow
-        from mlflow.models import Model, ModelSignature
+        from mlflow.models import ModelSignature
         from mlflow.types import ColSpec, Schema
 
         from softmaxlab import serve_model
@@ -240,22 +248,26 @@ class Tracker:
         )
         # Pinned from the running versions: inferring requirements costs seconds.
         reqs = [f"{p}=={metadata.version(p)}" for p in ("mlflow", "keras", "tensorflow", "numpy", "pandas")]
-        # Model.log, not mlflow.pyfunc.log_model: it takes the run id, and the DVC report
-        # stage adds to a run that the train stage has already closed.
-        return retry_locked(
-            Model.log,
-            None,
-            name=CALIBRATED_MODEL,
-            flavor=mlflow.pyfunc,
-            run_id=run_id,
-            python_model=str(Path(serve_model.__file__)),
-            artifacts={serve_model.KERAS_ARTIFACT: str(model_path)},
-            model_config={"temperature": float(temperature), "features": list(FEATURES), "classes": classes},
-            signature=signature,
-            input_example=example,
-            pip_requirements=reqs,
-            registered_model_name=self.cfg.tracking.registered_model,
+        with tempfile.TemporaryDirectory() as tmp:
+            local = Path(tmp) / CALIBRATED_MODEL
+            mlflow.pyfunc.save_model(
+                local,
+                python_model=str(Path(serve_model.__file__)),
+                artifacts={serve_model.KERAS_ARTIFACT: str(model_path)},
+                model_config={
+                    "temperature": float(temperature),
+                    "features": list(FEATURES),
+                    "classes": classes,
+                },
+                signature=signature,
+                input_example=example,
+                pip_requirements=reqs,
+            )
+            retry_locked(self.client.log_artifacts, run_id, str(local), CALIBRATED_MODEL)
+        version = retry_locked(
+            mlflow.register_model, f"runs:/{run_id}/{CALIBRATED_MODEL}", self.cfg.tracking.registered_model
         )
+        return version.version
 
 
 def connect(cfg: Config) -> Tracker | None:
