@@ -23,6 +23,7 @@ import pytest
 from conftest import compose_config, env_with_venv, make_project, run_cmd, tiny_overrides
 
 from softmaxlab import calibration, promote
+from softmaxlab import metrics as names
 from softmaxlab.io import prob_columns, read_predictions
 
 ROWS = [[15.0, 0.0], [0.0, 15.0]]
@@ -57,7 +58,7 @@ def test_run_logs_and_registers_the_calibrated_model(trained):
     assert info.signature.inputs.input_names() == ["x1", "x2"]
     assert info.signature.outputs.input_names() == [*prob_columns(4), "predicted_class"]
     config = info.flavors["python_function"]["config"]
-    assert config["temperature"] == metrics["temperature"] and config["features"] == ["x1", "x2"]
+    assert config["temperature"] == metrics[names.TEMPERATURE] and config["features"] == ["x1", "x2"]
     example = mlflow.models.Model.load(uri).load_input_example(mlflow.artifacts.download_artifacts(uri))
     test = pd.read_parquet(root / cfg.paths.test_data)
     assert example.to_numpy().tolist() == test[["x1", "x2"]].iloc[:1].to_numpy().tolist()
@@ -78,12 +79,12 @@ def test_calibrated_model_predicts_softmax_of_logits_over_t(trained):
     loaded = mlflow.pyfunc.load_model(calibrated_model(trained))
     test = pd.read_parquet(root / cfg.paths.test_data)
     out = loaded.predict(test[["x1", "x2"]])
-    probs, classes = expected_probs(root, cfg, metrics["temperature"])
+    probs, classes = expected_probs(root, cfg, metrics[names.TEMPERATURE])
     np.testing.assert_allclose(out[prob_columns(4)].to_numpy(), probs, atol=1e-6, rtol=0)
     np.testing.assert_array_equal(out["predicted_class"].to_numpy(), classes)
     # The temperature matters: at T it differs from the raw softmax the run reports as "before".
     _, raw, _ = read_predictions(root / cfg.paths.predictions / "test.parquet")
-    assert metrics["temperature"] != pytest.approx(1.0) and not np.allclose(
+    assert metrics[names.TEMPERATURE] != pytest.approx(1.0) and not np.allclose(
         out[prob_columns(4)], raw, atol=1e-6
     )
 
@@ -131,16 +132,18 @@ def registry(tmp_path):
     return client, add
 
 
-def good(val_accuracy: float, val_nll: float, **more: float) -> dict[str, float]:
-    return {"val_accuracy": val_accuracy, "val_nll": val_nll, "temperature_at_bound": 0.0, "temperature": 1.3,
-            "test_accuracy": 0.9, "test_nll": 0.3, **more}  # fmt: skip
+def good(
+    val_accuracy: float, val_nll: float, at_bound=0.0, test_accuracy=0.9, test_nll=0.3
+) -> dict[str, float]:
+    return {promote.VAL_ACCURACY: val_accuracy, promote.VAL_NLL: val_nll, promote.AT_BOUND: at_bound,
+            names.TEMPERATURE: 1.3, names.test("accuracy"): test_accuracy, names.test("nll"): test_nll}  # fmt: skip
 
 
 def test_promote_ranks_by_validation_only_and_moves_the_alias(registry):
     client, add = registry
     add(**good(0.95, 0.20))  # v1
     add("FAILED", **good(1.00, 0.01))  # v2: best numbers, but its run failed
-    add(**good(1.00, 0.02, temperature_at_bound=1.0))  # v3: degenerate temperature fit
+    add(**good(1.00, 0.02, at_bound=1.0))  # v3: degenerate temperature fit
     add(**good(0.97, 0.30))  # v4: ties v5 on accuracy, worse NLL
     v5 = add(**good(0.97, 0.10))
     add(**good(0.96, 0.05, test_accuracy=1.0, test_nll=0.01))  # v6: best on test, which is not used
@@ -178,7 +181,7 @@ def test_promote_says_so_when_nothing_qualifies_and_moves_nothing(tmp_path):
     client.create_registered_model("m")
     for status, at_bound in (("FAILED", 0.0), ("FINISHED", 1.0)):
         run = client.create_run(exp)
-        for key, value in good(0.9, 0.1, temperature_at_bound=at_bound).items():
+        for key, value in good(0.9, 0.1, at_bound=at_bound).items():
             client.log_metric(run.info.run_id, key, value)
         client.set_terminated(run.info.run_id, status)
         client.create_model_version("m", "runs:/x/calibrated", run.info.run_id)
@@ -319,7 +322,7 @@ def test_served_champion_answers_softmax_of_logits_over_t_and_refuses_bad_input(
 
     run = runs[0]
     out = served_probs(server.port, run["test"])
-    probs, classes = expected_probs(run["root"], run["cfg"], run["metrics"]["temperature"])
+    probs, classes = expected_probs(run["root"], run["cfg"], run["metrics"][names.TEMPERATURE])
     assert list(out.columns) == [*prob_columns(4), "predicted_class"]
     np.testing.assert_allclose(out[prob_columns(4)].to_numpy(), probs, atol=1e-6, rtol=0)
     np.testing.assert_array_equal(out["predicted_class"].to_numpy(), classes)
@@ -371,7 +374,7 @@ def test_a_new_server_after_promote_serves_the_new_champion(two_runs, servers):
 
     def assert_serves(server: Server, version: int) -> None:
         run = runs[version - 1]
-        probs, _ = expected_probs(run["root"], run["cfg"], run["metrics"]["temperature"])
+        probs, _ = expected_probs(run["root"], run["cfg"], run["metrics"][names.TEMPERATURE])
         served = served_probs(server.port, run["test"])[prob_columns(4)]
         np.testing.assert_allclose(served, probs, atol=1e-6, rtol=0)
 

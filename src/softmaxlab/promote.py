@@ -14,13 +14,14 @@ import datetime as dt
 import math
 from dataclasses import dataclass
 
+from softmaxlab import metrics as names
 from softmaxlab.errors import UserError
 
 ALIAS = "champion"
 # The run metrics the rule reads: the final epoch's validation accuracy (training curves),
 # evaluate's validation NLL, and whether the temperature fit stopped at its search bound.
-VAL_ACCURACY, VAL_NLL, AT_BOUND = "val_accuracy", "val_nll", "temperature_at_bound"
-SHOWN = ("temperature", "test_accuracy", "test_nll")
+VAL_ACCURACY, VAL_NLL, AT_BOUND = names.CURVES["val_accuracy"], names.VAL_NLL, names.TEMPERATURE_AT_BOUND
+SHOWN = (names.TEMPERATURE, names.test("accuracy"), names.test("nll"))
 RULE = (
     f"highest {VAL_ACCURACY}, then lowest {VAL_NLL}, then newest version; only versions whose run "
     "FINISHED and whose temperature is not at its search bound; test metrics are not used"
@@ -130,8 +131,8 @@ def promote(client, name: str, dry_run: bool = False) -> tuple[str, Candidate | 
         tags = {
             f"{ALIAS}.promoted_at": now,
             f"{ALIAS}.rule": RULE,
-            f"{ALIAS}.{VAL_ACCURACY}": repr(best.metrics[VAL_ACCURACY]),
-            f"{ALIAS}.{VAL_NLL}": repr(best.metrics[VAL_NLL]),
+            f"{ALIAS}.{names.short(VAL_ACCURACY)}": repr(best.metrics[VAL_ACCURACY]),
+            f"{ALIAS}.{names.short(VAL_NLL)}": repr(best.metrics[VAL_NLL]),
             f"{ALIAS}.previous_version": str(current or "none"),
         }
         for key, value in tags.items():

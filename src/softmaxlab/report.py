@@ -22,6 +22,7 @@ from softmaxlab.config import Config, as_dict, load_params
 from softmaxlab.errors import entry_point
 from softmaxlab.io import (
     FEATURES,
+    prob_columns,
     read_grid,
     read_history,
     read_predictions,
@@ -186,6 +187,63 @@ def description(cfg: Config, metrics: dict[str, float]) -> str:
     )
 
 
+# The run's logged model: calibrated probabilities, see serve_model.py.
+CALIBRATED_MODEL = "calibrated"
+
+
+def log_calibrated_model(
+    tracker, run_id: str, model_path: Path, temperature: float, example: pd.DataFrame, n_classes: int
+) -> str:
+    """The run's model as served: softmax(logits / T) from serve_model.py (MLflow's
+    "models from code"), saved under the run's artifacts as `calibrated` and registered
+    as a new version of tracking.registered_model. `example` is a one-row frame of real
+    inputs. Returns the new version's number.
+
+    Saved and logged as artifacts rather than with log_model: log_model loads the model
+    to check the input example, which imports Keras and TensorFlow into the report stage
+    (about 7 s, in a stage that otherwise needs neither). The tests serve the logged
+    model and check its answers instead."""
+    import tempfile
+    from importlib.metadata import version
+
+    import mlflow
+    from mlflow.models import ModelSignature
+    from mlflow.types import ColSpec, Schema
+
+    from softmaxlab import serve_model
+    from softmaxlab.tracking import retry_locked
+
+    classes = prob_columns(n_classes)
+    signature = ModelSignature(
+        inputs=Schema([ColSpec("double", f) for f in FEATURES]),
+        outputs=Schema(
+            [*(ColSpec("double", c) for c in classes), ColSpec("long", serve_model.PREDICTED_CLASS)]
+        ),
+    )
+    # Pinned from the running versions: inferring requirements costs seconds.
+    reqs = [f"{p}=={version(p)}" for p in ("mlflow", "keras", "tensorflow", "numpy", "pandas")]
+    with tempfile.TemporaryDirectory() as tmp:
+        local = Path(tmp) / CALIBRATED_MODEL
+        mlflow.pyfunc.save_model(
+            local,
+            python_model=str(Path(serve_model.__file__)),
+            artifacts={serve_model.KERAS_ARTIFACT: str(model_path)},
+            model_config={
+                "temperature": float(temperature),
+                "features": list(FEATURES),
+                "classes": classes,
+            },
+            signature=signature,
+            input_example=example,
+            pip_requirements=reqs,
+        )
+        retry_locked(tracker.client.log_artifacts, run_id, str(local), CALIBRATED_MODEL)
+    registered = retry_locked(
+        mlflow.register_model, f"runs:/{run_id}/{CALIBRATED_MODEL}", tracker.cfg.tracking.registered_model
+    )
+    return registered.version
+
+
 def record_evaluation(tracker, run_id: str, cfg: Config, root: Path, metrics: dict[str, float]) -> None:
     """Evaluate's metrics and tables, then the calibrated model (it needs the temperature)."""
     tracker.log_metrics(run_id, metrics)
@@ -194,7 +252,7 @@ def record_evaluation(tracker, run_id: str, cfg: Config, root: Path, metrics: di
     if cfg.tracking.log_model:
         k = len(cfg.data.centers)
         example = read_split(root / cfg.paths.test_data, k)[list(FEATURES)].iloc[:1]
-        tracker.log_calibrated_model(run_id, root / cfg.paths.model, metrics["temperature"], example, k)
+        log_calibrated_model(tracker, run_id, root / cfg.paths.model, metrics[names.TEMPERATURE], example, k)
 
 
 def record_report(tracker, run_id: str, cfg: Config, root: Path) -> None:

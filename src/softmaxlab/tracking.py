@@ -25,8 +25,6 @@ from softmaxlab.errors import UserError
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
 # How long a remote tracking server may take to answer before we fall back (see connect).
 REACHABLE_TIMEOUT_S = 5.0
-# The run's logged model: calibrated probabilities, see serve_model.py.
-CALIBRATED_MODEL = "calibrated"
 VERSIONED_PACKAGES = ("softmaxlab", "tensorflow", "keras", "numpy", "scikit-learn", "mlflow", "dvc")
 
 
@@ -203,7 +201,7 @@ class Tracker:
 
     def log_training(self, run_id: str, result: Any, cfg: Config) -> None:
         """Per-epoch curves (step = epoch), training time and device. The model is logged by
-        the report stage, calibrated (log_calibrated_model), once its temperature is fitted."""
+        the report stage, calibrated (report.log_calibrated_model), once T is fitted."""
         from mlflow.entities import Metric
 
         from softmaxlab.metrics import CURVES, TRAIN_SECONDS
@@ -217,57 +215,6 @@ class Tracker:
         self._log_metric_objects(run_id, curves)
         self.log_metrics(run_id, {TRAIN_SECONDS: result.train_seconds})
         self.set_tags(run_id, {"device": result.device})
-
-    def log_calibrated_model(
-        self, run_id: str, model_path: Path, temperature: float, example: Any, n_classes: int
-    ) -> str:
-        """The run's model as served: softmax(logits / T) from serve_model.py (MLflow's
-        "models from code"), saved under the run's artifacts as `calibrated` and registered
-        as a new version of tracking.registered_model. `example` is a one-row frame of real
-        inputs. Returns the new version's number.
-
-        Saved and logged as artifacts rather than with log_model: log_model loads the model
-        to check the input example, which imports Keras and TensorFlow into the report stage
-        (about 7 s, in a stage that otherwise needs neither). The tests serve the logged
-        model and check its answers instead."""
-        import tempfile
-
-        import mlflow
-        from mlflow.models import ModelSignature
-        from mlflow.types import ColSpec, Schema
-
-        from softmaxlab import serve_model
-        from softmaxlab.io import FEATURES, prob_columns
-
-        classes = prob_columns(n_classes)
-        signature = ModelSignature(
-            inputs=Schema([ColSpec("double", f) for f in FEATURES]),
-            outputs=Schema(
-                [*(ColSpec("double", c) for c in classes), ColSpec("long", serve_model.PREDICTED_CLASS)]
-            ),
-        )
-        # Pinned from the running versions: inferring requirements costs seconds.
-        reqs = [f"{p}=={metadata.version(p)}" for p in ("mlflow", "keras", "tensorflow", "numpy", "pandas")]
-        with tempfile.TemporaryDirectory() as tmp:
-            local = Path(tmp) / CALIBRATED_MODEL
-            mlflow.pyfunc.save_model(
-                local,
-                python_model=str(Path(serve_model.__file__)),
-                artifacts={serve_model.KERAS_ARTIFACT: str(model_path)},
-                model_config={
-                    "temperature": float(temperature),
-                    "features": list(FEATURES),
-                    "classes": classes,
-                },
-                signature=signature,
-                input_example=example,
-                pip_requirements=reqs,
-            )
-            retry_locked(self.client.log_artifacts, run_id, str(local), CALIBRATED_MODEL)
-        version = retry_locked(
-            mlflow.register_model, f"runs:/{run_id}/{CALIBRATED_MODEL}", self.cfg.tracking.registered_model
-        )
-        return version.version
 
 
 def connect(cfg: Config) -> Tracker | None:
