@@ -91,7 +91,7 @@ def test_unreachable_server_loses_nothing_in_dvc_repro(silent_server, tmp_path):
     (run,) = client.search_runs([client.get_experiment_by_name("softmaxlab").experiment_id])
     assert run.info.status == "FINISHED"
     assert run.data.tags["tracking.fallback_from"] == silent_server
-    assert run.data.metrics["test_accuracy"] == pytest.approx(metrics["accuracy"], abs=1e-6)
+    assert run.data.metrics["test/accuracy"] == pytest.approx(metrics["accuracy"], abs=1e-6)
 
 
 def test_real_server_receives_runs_directly_and_fallback_runs_by_sync(tmp_path):
@@ -133,13 +133,10 @@ def test_real_server_receives_runs_directly_and_fallback_runs_by_sync(tmp_path):
         direct = next(r for r in runs if r.info.run_id != copied.info.run_id)
         assert direct.info.status == "FINISHED" and names.test("ece", scaled=True) in direct.data.metrics
         assert "tracking.fallback_from" not in direct.data.tags
-        mlflow.set_tracking_uri(uri)
-        models = mlflow.search_logged_models(
-            experiment_ids=[exp.experiment_id],
-            filter_string=f"source_run_id = '{direct.info.run_id}'",
-            output_format="list",
-        )
-        assert len(models) == 1
+        # Its calibrated model is in the server's artifacts and registry, ready to promote.
+        assert "calibrated" in {a.path for a in remote.list_artifacts(direct.info.run_id)}
+        versions = remote.search_model_versions("name = 'softmaxlab'")
+        assert [v.run_id for v in versions] == [direct.info.run_id]
     finally:
         server.terminate()
         server.wait(timeout=30)
@@ -159,7 +156,7 @@ def test_parallel_sweep_of_8_jobs_on_2_workers_loses_no_runs(tmp_path):
     children = df[df["tags.job_num"].notna()]
     assert len(children) == 8 and (children["status"] == "FINISHED").all()
     assert sorted(children["tags.job_num"].astype(int)) == list(range(8))
-    assert children["metrics.test_accuracy"].notna().all()
+    assert children["metrics.test/accuracy"].notna().all()
     parent = df[df["tags.sweep_overrides"].notna()]
     assert len(parent) == 1 and parent.iloc[0]["status"] == "FINISHED"
 
