@@ -190,7 +190,8 @@ def test_promote_says_so_when_nothing_qualifies_and_moves_nothing(tmp_path):
     proc = run_cmd([sys.executable, "-m", "softmaxlab", "promote"], project, check=False)
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [
-        "softmaxlab: error: no version of 'm' qualifies (see the notes above); the champion alias is unchanged"
+        "softmaxlab: error: no version of 'm' qualifies (see the notes above); the champion alias is unchanged "
+        "(to serve one anyway: `softmaxlab serve --version N`)"
     ]
     assert (
         "excluded: run FAILED" in proc.stdout and "excluded: temperature at its search bound" in proc.stdout

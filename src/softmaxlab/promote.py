@@ -183,5 +183,6 @@ def promote_cli(args: list[str]) -> None:
     print(text, flush=True)
     if best is None:
         raise UserError(
-            f"no version of {name!r} qualifies (see the notes above); the {ALIAS} alias is unchanged"
+            f"no version of {name!r} qualifies (see the notes above); the {ALIAS} alias is unchanged "
+            "(to serve one anyway: `softmaxlab serve --version N`)"
         )
