@@ -7,7 +7,7 @@ import time
 
 import pandas as pd
 import pytest
-from conftest import make_project, run_cmd, tiny_overrides
+from conftest import ROOT, make_project, run_cmd, tiny_overrides
 
 pytestmark = pytest.mark.slow
 
@@ -110,23 +110,100 @@ def test_queued_dvc_grid_runs_and_shows_in_exp_show(tmp_path):
     assert df["status"].eq("FINISHED").all()
 
 
-def test_a_bad_job_fails_alone_and_the_sweep_says_so(tmp_path):
+def test_a_job_that_fails_while_training_fails_alone_and_the_sweep_says_so(tmp_path):
     project = make_project(tmp_path / "proj")
-    proc = run_cmd(
-        ["python", "-m", "softmaxlab", "-m", "optimizer.lr=0.001,-1", *tiny_overrides(), "hydra.sweep.dir=sweep"],
-        project, check=False,
-    )  # fmt: skip
+    # lr=1000 with SGD diverges (NaN loss): only training can find that out.
+    jobs = ["optimizer=sgd", "model.activation=elu", "optimizer.lr=0.001,1000"]
+    proc = run_cmd(["python", "-m", "softmaxlab", "-m", *jobs, *tiny_overrides(), "hydra.sweep.dir=sweep"],
+                   project, check=False)  # fmt: skip
     assert proc.returncode == 1, proc.stderr
     errors = [line for line in proc.stderr.splitlines() if line.startswith("softmaxlab: error:")]
-    assert len(errors) == 1 and "job 1" in errors[0] and "optimizer.lr=-1.0" in errors[0]
+    assert len(errors) == 1 and "job 1" in errors[0] and "diverged" in errors[0], proc.stderr
     assert "Traceback" not in proc.stdout + proc.stderr
     df = runs(project)
     assert "RUNNING" not in set(df["status"])
     children = df[df["tags.job_num"].notna()].sort_values("tags.job_num")
-    # The good job ran and was logged; the bad one is on record as FAILED, with its error.
+    # The good job ran and was logged; the bad one is on record as FAILED.
     assert list(children["status"]) == ["FINISHED", "FAILED"]
-    assert "optimizer.lr=-1.0" in children.iloc[1]["tags.error"]
     summary = pd.read_csv(project / "sweep" / "summary.csv")
     assert list(summary["status"]) == ["FINISHED", "FAILED"]
     parent = df[df["tags.sweep_overrides"].notna()].iloc[0]
     assert parent["status"] == "FAILED"  # the sweep as a whole did not complete
+
+
+@pytest.mark.parametrize(
+    "jobs,needle",
+    [
+        (["optimizer.lr=0.001,-1"], "sweep job 1 (optimizer.lr=-1 "),
+        (["model=seed,wdie"], "model=wdie: no such option; did you mean `model=wide`?"),
+        (["train.epoch=1,2"], "train.epoch: no such key; did you mean `train.epochs`?"),
+    ],
+)
+def test_every_job_is_checked_before_the_first_trains_and_a_bad_one_leaves_no_run(tmp_path, jobs, needle):
+    project = make_project(tmp_path / "proj")
+    proc = run_cmd(["python", "-m", "softmaxlab", "-m", *jobs, *tiny_overrides(), "hydra.sweep.dir=sweep"],
+                   project, check=False)  # fmt: skip
+    assert proc.returncode == 2, proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("softmaxlab: error:")]
+    assert len(errors) == 1 and needle in errors[0] and errors[0].endswith("no job was run"), proc.stderr
+    assert "softmaxlab: error: softmaxlab:" not in proc.stderr and "Traceback" not in proc.stderr
+    assert "softmaxlab: test accuracy" not in proc.stdout  # no job trained
+    assert not (project / "sweep" / "0").exists()
+    # No parent run, FAILED or otherwise, and no child.
+    assert not (project / "mlflow.db").exists() or runs(project).empty
+
+
+def test_sweep_jobs_are_the_basic_sweepers_product_and_optunas_corners():
+    from hydra import compose, initialize_config_dir
+    from omegaconf import open_dict
+
+    from softmaxlab.config import register_configs
+    from softmaxlab.sweep import sweep_jobs
+
+    register_configs()
+    with initialize_config_dir(str(ROOT / "conf"), version_base=None):
+        grid = compose("config", ["sweep=grid12"], return_hydra_config=True)
+        optuna = compose("config", ["sweep=optuna"], return_hydra_config=True)
+    # The command line of `softmaxlab -m sweep=grid12 seed=1,2` (compose() takes no sweeps).
+    with open_dict(grid):
+        grid.hydra.overrides.task = ["sweep=grid12", "seed=1,2"]
+    jobs = sweep_jobs(grid)
+    assert len(jobs) == 24 and ["model=seed", "optimizer.lr=0.001", "sweep=grid12", "seed=1"] in jobs
+    corners = sweep_jobs(optuna)
+    assert len(corners) == 3 * 2 * 2
+    assert {j[2] for j in corners} == {"optimizer.lr=0.0003", "optimizer.lr=0.03"}
+
+
+def test_the_summary_shows_four_significant_digits():
+    from softmaxlab.sweep import format_number, summary_table
+
+    children = pd.DataFrame({
+        "tags.job_num": ["1", "0"], "status": ["FINISHED"] * 2, "run_id": ["b", "a"],
+        "tags.overrides": ["model=wide optimizer.lr=0.0012345678901234567 seed=3",
+                           "model=seed optimizer.lr=0.013879088524426752 seed=3"],
+    })  # fmt: skip
+    table = summary_table(children)
+    assert list(table["overrides"]) == ["model=seed optimizer.lr=0.01388", "model=wide optimizer.lr=0.001235"]
+    assert [format_number(v) for v in (0.99600001, 5.7e-07, 12.3456, 0.1)] == [
+        "0.996",
+        "5.7e-07",
+        "12.35",
+        "0.1",
+    ]
+
+
+def test_tied_jobs_share_one_label_and_no_label_leaves_the_figure():
+    from softmaxlab.sweep import accuracy_vs_ece
+
+    table = pd.DataFrame({
+        "job": [0, 1, 2, 3, 4], "overrides": ["a", "b", "c", "d", "e"],
+        "accuracy": [1.0, 1.0, 1.0, 0.9, 0.95], "ece": [0.001, 0.001, 0.001, 0.2, 0.05],
+    })  # fmt: skip
+    fig = accuracy_vs_ece(table, "sweep x: 5 jobs")
+    fig.canvas.draw()
+    labels = [t for t in fig.axes[0].texts]
+    assert sorted(t.get_text() for t in labels) == ["job 0, 1, 2", "job 3", "job 4"]
+    renderer = fig.canvas.get_renderer()
+    for t in labels:
+        box = t.get_window_extent(renderer)
+        assert fig.bbox.x0 <= box.x0 and box.x1 <= fig.bbox.x1 and box.y1 <= fig.bbox.y1, t.get_text()

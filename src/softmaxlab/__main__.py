@@ -106,7 +106,9 @@ def job(dcfg) -> float:
         sys.stderr.release()
     hc = HydraConfig.get()
     multirun = hc.mode == RunMode.MULTIRUN
-    overrides = " ".join(hc.overrides.task)
+    # A sweep preset (`sweep=optuna`) is the parent run's, not each job's: what a job changed
+    # is the rest.
+    overrides = " ".join(o for o in hc.overrides.task if not (multirun and o.startswith("sweep=")))
 
     def failed(err: UserError) -> float:
         if debug():

@@ -176,7 +176,8 @@ def unknown_key_error(key: str) -> UserError:
 
 def to_config(cfg: DictConfig | dict) -> Config:
     """Merge a composed or loaded config into the schema, then validate it."""
-    raw = OmegaConf.to_container(cfg) if isinstance(cfg, DictConfig) else cfg
+    # (a dict may hold DictConfig nodes: the sweep callback passes the composed config's items)
+    raw = OmegaConf.to_container(cfg if isinstance(cfg, DictConfig) else OmegaConf.create(cfg))
     known = set(leaves(OmegaConf.to_container(OmegaConf.structured(Config))))
     for key in leaves(raw):
         # Lists (data.centers, model.hidden) are leaves in the schema.

@@ -8,6 +8,7 @@ processes inherit.
 
 from __future__ import annotations
 
+import itertools
 import os
 import re
 import sys
@@ -85,8 +86,9 @@ class SweepCallback(Callback):
         try:
             cfg = _job_config(config)
             check_direction(cfg.objective, config.hydra.sweeper.get("direction"))
+            check_jobs(config)
             tracker = tracking.connect(cfg)
-        except UserError as err:  # before any job: the whole sweep is misconfigured
+        except UserError as err:  # before any job and any run: the sweep is misconfigured
             fail(str(err))
         sid = f"{Path(config.hydra.sweep.dir).name}-{uuid.uuid4().hex[:6]}"
         os.environ[ENV_SWEEP] = sid
@@ -113,11 +115,56 @@ class SweepCallback(Callback):
         table = write_summary(tracker, sweep_id(), sweep_dir, run_id, _job_config(config).objective)
         _state["failed"] = int((table["status"] != "FINISHED").sum())
         print(
-            f"\nsweep {sweep_id()}: {len(table)} jobs\n{table.drop(columns='run_id').to_string(index=False)}"
+            f"\nsweep {sweep_id()}: {len(table)} jobs\n"
+            f"{table.drop(columns='run_id').to_string(index=False, float_format=format_number)}"
         )
         print(f"summary: {sweep_dir / 'summary.csv'}; runs table: "
               f"{tracking_link(tracker)}")  # fmt: skip
         close_parent()
+
+
+def sweep_jobs(config: DictConfig) -> list[list[str]]:
+    """Each job's overrides. For the basic sweeper these are exactly its jobs (every
+    combination); for a sampling one (Optuna) every choice and both ends of every interval."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.core.override_parser.types import IntervalSweep
+
+    params = config.hydra.sweeper.get("params") or {}
+    args = [f"{k}={v}" for k, v in params.items()] + list(config.hydra.overrides.task)
+    values: dict[str, list[str]] = {}  # the command line wins over a preset's params
+    for o in OverridesParser.create().parse_overrides(args):
+        key = o.get_key_element()
+        if isinstance(o.value(), IntervalSweep):
+            values[key] = [repr(o.value().start), repr(o.value().end)]
+        elif o.is_sweep_override():
+            values[key] = list(o.sweep_string_iterator())
+        else:
+            values[key] = [o.get_value_element_as_str()]
+    return [
+        [f"{k}={v}" for k, v in zip(values, combo, strict=True)]
+        for combo in itertools.product(*values.values())
+    ]
+
+
+def check_jobs(config: DictConfig) -> None:
+    """Compose and validate every job before the first one trains: a bad value or a typo in
+    job 5 fails the sweep at once, in one line, and leaves no run behind."""
+    from hydra.core.global_hydra import GlobalHydra
+
+    from softmaxlab.__main__ import one_line
+
+    loader = GlobalHydra.instance().config_loader()
+    for num, job in enumerate(sweep_jobs(config)):
+        where = f"sweep job {num} ({' '.join(job) or 'defaults'})"
+        try:
+            composed = loader.load_sweep_config(config, job)
+        except Exception as err:  # Hydra's composition errors: unknown option, key or type
+            text = f"{err}\n{err.__cause__ or ''}"  # Hydra puts the key's details in the cause
+            raise UserError(f"{where}: {one_line(text)}; no job was run") from err
+        try:
+            _job_config(composed)
+        except UserError as err:
+            raise UserError(f"{where}: {err}; no job was run") from err
 
 
 def check_direction(objective: str, direction) -> None:
@@ -164,15 +211,34 @@ def search_children(tracker, sid: str) -> pd.DataFrame:
 def summary_table(children: pd.DataFrame) -> pd.DataFrame:
     cols = {src: dst for src, dst in SUMMARY_COLUMNS.items() if src in children.columns}
     table = children[list(cols)].rename(columns=cols)
-    if "overrides" in table and len(table) > 1:
+    if "overrides" in table:
+        tokens = [[short_value(t) for t in o.split()] for o in table["overrides"].fillna("")]
         # Show what varies between jobs, not the settings every job shares.
-        tokens = table["overrides"].fillna("").str.split()
-        common = set.intersection(*(set(t) for t in tokens))
+        common = set.intersection(*(set(t) for t in tokens)) if len(tokens) > 1 else set()
         table["overrides"] = [" ".join(x for x in t if x not in common) for t in tokens]
     if "job" in table:
         table["job"] = table["job"].astype(int)
         table = table.sort_values("job")
     return table.reset_index(drop=True)
+
+
+SIGNIFICANT = 4  # digits of every number the summary shows
+
+
+def short_value(token: str) -> str:
+    """`optimizer.lr=0.0012345678901234567` (Optuna samples floats) -> `optimizer.lr=0.001235`."""
+    key, eq, value = token.partition("=")
+    try:
+        number = float(value)
+    except ValueError:
+        return token
+    if not eq or value.lstrip("+-").isdigit():
+        return token
+    return f"{key}={number:.{SIGNIFICANT}g}"
+
+
+def format_number(v) -> str:
+    return f"{v:.{SIGNIFICANT}g}"
 
 
 def accuracy_vs_ece(table: pd.DataFrame, title: str):
@@ -183,9 +249,18 @@ def accuracy_vs_ece(table: pd.DataFrame, title: str):
     fig, ax = plt.subplots(figsize=(7, 5))
     done = table.dropna(subset=["accuracy", "ece"])
     ax.scatter(done["ece"], done["accuracy"], color="#4c72b0")
-    for _, row in done.iterrows():
-        ax.annotate(f"{row['job']}: {row['overrides']}", (row["ece"], row["accuracy"]),
-                    fontsize=6, xytext=(3, 3), textcoords="offset points")  # fmt: skip
+    # One label per point: jobs that tie (same accuracy and ECE, common on easy data) share
+    # it, instead of stacking their labels on top of each other. Labels name jobs only; the
+    # summary table beside the figure says what each job changed.
+    groups = done.groupby([done["ece"].round(6), done["accuracy"].round(6)])["job"]
+    x_mid = (done["ece"].min() + done["ece"].max()) / 2 if len(done) else 0.0
+    for (ece, acc), jobs in groups:
+        label = "job " + ", ".join(str(j) for j in sorted(jobs)) if len(jobs) < 6 else f"{len(jobs)} jobs"
+        right_half = ece > x_mid
+        # Points in the right half are labelled to their left: nothing runs off the edge.
+        ax.annotate(label, (ece, acc), fontsize=7, xytext=(-4 if right_half else 4, 4),
+                    textcoords="offset points", ha="right" if right_half else "left")  # fmt: skip
+    ax.margins(x=0.12, y=0.08)
     ax.set(xlabel="test ECE (lower is better)", ylabel="test accuracy (higher is better)", title=title)
     ax.grid(alpha=0.3)
     fig.tight_layout()
@@ -205,7 +280,7 @@ def write_summary(
     table = summary_table(children)
     out_dir.mkdir(parents=True, exist_ok=True)
     write_table(out_dir / "summary.csv", table)
-    write_text(out_dir / "summary.md", table.to_markdown(index=False, floatfmt=".4f") + "\n")
+    write_text(out_dir / "summary.md", table.to_markdown(index=False, floatfmt=f".{SIGNIFICANT}g") + "\n")
     save_figure(accuracy_vs_ece(table, f"sweep {sid}: {len(table)} jobs"), out_dir / "accuracy_vs_ece.png")
     if parent_run_id:
         tracker.log_artifacts(
@@ -269,7 +344,7 @@ def summarize_cli(args: list[str]) -> None:
     table = write_summary(
         tracker, sid, out, parent, objective if objective in names.OBJECTIVES else cfg.objective
     )
-    print(table.drop(columns="run_id").to_string(index=False))
+    print(table.drop(columns="run_id").to_string(index=False, float_format=format_number))
     print(f"summary: {out / 'summary.csv'}")
 
 
