@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 # Stage commands are `python -m softmaxlab...`: run them with the venv's python.
 export PATH := $(BIN):$(PATH)
 
-.PHONY: setup setup-gpu run test test-fast bench lint params ui serve lock clean
+.PHONY: setup setup-gpu run test test-fast bench bench-serve lint params ui serve lock clean
 
 setup: $(STAMP)
 
@@ -37,6 +37,10 @@ test-fast: setup
 ## bench: speed against the tutorial's own script (bench/README.md)
 bench: setup
 	$(BIN)/python bench/run.py
+
+## bench-serve: the served champion against the raw TF-flavour model (bench/README.md)
+bench-serve: setup
+	$(BIN)/python bench/serve.py
 
 lint: setup
 	$(BIN)/ruff check .
