@@ -221,3 +221,105 @@ def test_a_sync_that_fails_half_way_leaves_nothing_running_and_the_next_one_copi
         mlflow.set_tracking_uri(None)
         server.terminate()
         server.wait(timeout=30)
+
+
+@contextlib.contextmanager
+def basic_auth_proxy(upstream_port: int, user: str, password: str):
+    """An HTTP front that answers 401 without `user:password` (Basic) and passes the rest to
+    the MLflow server: a team server behind a login, as MLflow users meet them."""
+    import base64
+    import http.client
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    wanted = "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()
+
+    class Handler(BaseHTTPRequestHandler):
+        def forward(self):
+            if self.headers.get("Authorization") != wanted:
+                self.send_response(401)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+                return
+            body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+            conn = http.client.HTTPConnection("127.0.0.1", upstream_port, timeout=60)
+            headers = {k: v for k, v in self.headers.items() if k.lower() not in ("host", "authorization")}
+            conn.request(self.command, self.path, body=body, headers=headers)
+            resp = conn.getresponse()
+            data = resp.read()
+            self.send_response(resp.status)
+            for k, v in resp.getheaders():
+                if k.lower() not in ("transfer-encoding", "content-length", "connection"):
+                    self.send_header(k, v)
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+            conn.close()
+
+        do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = forward
+
+        def log_message(self, *args):
+            pass
+
+    srv = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    t = threading.Thread(target=srv.serve_forever, daemon=True)
+    t.start()
+    try:
+        yield srv.server_address[1]
+    finally:
+        srv.shutdown()
+        srv.server_close()
+
+
+def test_credentials_reach_a_server_behind_a_login_and_are_never_shown(tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    secret = "s3cr3t-pa55"
+    port = free_port()
+    server = start_mlflow_server(port, tmp_path)
+    try:
+        with basic_auth_proxy(port, "alice", secret) as front:
+            direct = MlflowClient(f"http://127.0.0.1:{port}")
+            project = make_project(tmp_path / "proj", *tiny_overrides())
+            # 1. User info in the URI: the check and every MLflow call carry it; nothing shows it.
+            with_userinfo = f"http://alice:{secret}@127.0.0.1:{front}"
+            repro = run_cmd(["dvc", "repro"], project, env=env_with_venv(MLFLOW_TRACKING_URI=with_userinfo))
+            summary = run_cmd([sys.executable, "-m", "softmaxlab.tracking"], project,
+                              env=env_with_venv(MLFLOW_TRACKING_URI=with_userinfo))  # fmt: skip
+            out = repro.stdout + repro.stderr + summary.stdout + summary.stderr
+            assert "unreachable" not in out, out
+            assert f"MLflow store: http://***@127.0.0.1:{front}" in summary.stdout
+            (run,) = direct.search_runs([direct.get_experiment_by_name("softmaxlab").experiment_id])
+            assert run.info.status == "FINISHED" and "tracking.fallback_from" not in run.data.tags
+            assert {"figures", "report.html"} <= {a.path for a in direct.list_artifacts(run.info.run_id)}
+            # 2. MLflow's own variables, with the URI bare.
+            env = env_with_venv(MLFLOW_TRACKING_URI=f"http://127.0.0.1:{front}", MLFLOW_TRACKING_USERNAME="alice",
+                                MLFLOW_TRACKING_PASSWORD=secret)  # fmt: skip
+            by_env = run_cmd([sys.executable, "-m", "softmaxlab.tracking"], project, env=env)
+            assert "unreachable" not in by_env.stderr and "MLflow store: http://127.0.0.1:" in by_env.stdout
+            # 3. A wrong password is refused by the server: the run falls back, said redacted.
+            wrong = f"http://alice:wrong-{secret}@127.0.0.1:{front}"
+            bad = run_cmd(
+                [sys.executable, "-m", "softmaxlab.tracking"],
+                project,
+                env=env_with_venv(MLFLOW_TRACKING_URI=wrong),
+            )
+            assert f"MLflow server http://***@127.0.0.1:{front} unreachable (HTTP 401)" in bad.stderr
+            out += by_env.stdout + by_env.stderr + bad.stdout + bad.stderr
+            # 4. The two messages that name the store: a deleted experiment, a sweep with no runs.
+            direct.delete_experiment(direct.create_experiment("gone"))
+            deleted = run_cmd([sys.executable, "-m", "softmaxlab", "tracking.experiment=gone", "hydra.run.dir=out"],
+                              project, env=env_with_venv(MLFLOW_TRACKING_URI=with_userinfo), check=False)  # fmt: skip
+            assert deleted.returncode == 2 and f"is deleted in http://***@127.0.0.1:{front}" in deleted.stderr
+            empty = run_cmd([sys.executable, "-m", "softmaxlab", "summarize", "no-such-sweep"], project,
+                            env=env_with_venv(MLFLOW_TRACKING_URI=with_userinfo), check=False)  # fmt: skip
+            assert empty.returncode == 2 and f"of http://***@127.0.0.1:{front}" in empty.stderr, empty.stderr
+            out += deleted.stdout + deleted.stderr + empty.stdout + empty.stderr
+        assert secret not in out
+        # Nothing written in the project holds it: outputs, train.json, the local store.
+        for path in project.rglob("*"):
+            if path.is_file() and ".git" not in path.parts:
+                assert secret.encode() not in path.read_bytes(), path
+        assert secret not in json.dumps(run.data.tags) + json.dumps(run.data.params)
+    finally:
+        server.terminate()
+        server.wait(timeout=30)

@@ -271,11 +271,12 @@ def write_summary(
     tracker, sid: str, out_dir: Path, parent_run_id: str | None, objective: str = names.DEFAULT_OBJECTIVE
 ) -> pd.DataFrame:
     from softmaxlab.io import save_figure, write_table, write_text
+    from softmaxlab.tracking import redact
 
     children = search_children(tracker, sid)
     if children.empty:
         raise UserError(
-            f"sweep {sid!r}: no runs found in experiment {tracker.experiment_id} of {tracker.uri}"
+            f"sweep {sid!r}: no runs found in experiment {tracker.experiment_id} of {redact(tracker.uri)}"
         )
     table = summary_table(children)
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -67,6 +67,37 @@ def resolve_uri(cfg: Config) -> str:
     return uri
 
 
+def redact_text(text: str, uri: str) -> str:
+    """`text` (an error message) with the URI's credentials taken out."""
+    from urllib.parse import unquote, urlsplit
+
+    text = text.replace(uri, redact(uri))
+    password = urlsplit(uri).password
+    return text.replace(unquote(password), "***").replace(password, "***") if password else text
+
+
+def _health_request(uri: str):
+    """GET <uri>/health with the credentials MLflow itself would send: user info in the URI,
+    else MLFLOW_TRACKING_USERNAME/PASSWORD, else MLFLOW_TRACKING_TOKEN. urllib refuses a URL
+    with user info, so it goes in an Authorization header instead."""
+    import base64
+    import urllib.request
+    from urllib.parse import unquote, urlsplit, urlunsplit
+
+    parts = urlsplit(uri)
+    user, password = os.environ.get("MLFLOW_TRACKING_USERNAME"), os.environ.get("MLFLOW_TRACKING_PASSWORD")
+    if parts.username is not None:
+        user, password = unquote(parts.username), unquote(parts.password or "")
+    netloc = parts.hostname + (f":{parts.port}" if parts.port else "") if parts.hostname else parts.netloc
+    req = urllib.request.Request(urlunsplit(parts._replace(netloc=netloc)).rstrip("/") + "/health")
+    if user:
+        basic = base64.b64encode(f"{user}:{password or ''}".encode()).decode("ascii")
+        req.add_header("Authorization", f"Basic {basic}")
+    elif os.environ.get("MLFLOW_TRACKING_TOKEN"):
+        req.add_header("Authorization", f"Bearer {os.environ['MLFLOW_TRACKING_TOKEN']}")
+    return req
+
+
 @functools.cache
 def _reachable(uri: str) -> str | None:
     """None if an http(s) tracking server answers /health in time, else why not. Asked once
@@ -75,13 +106,13 @@ def _reachable(uri: str) -> str | None:
     import urllib.request
 
     try:
-        with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=REACHABLE_TIMEOUT_S) as r:
+        with urllib.request.urlopen(_health_request(uri), timeout=REACHABLE_TIMEOUT_S) as r:
             return None if r.status == 200 else f"HTTP {r.status}"
     except urllib.error.HTTPError as err:
         return f"HTTP {err.code}"
     except Exception as err:  # refused, DNS, timeout: all mean "not reachable now"
         reason = getattr(err, "reason", err)
-        return str(reason) or type(err).__name__
+        return redact_text(str(reason), uri) or type(err).__name__
 
 
 def git_state(root: Path) -> dict[str, str]:
@@ -241,6 +272,10 @@ def connect(cfg: Config) -> Tracker | None:
             )
     import mlflow
 
+    if redact(uri) != uri:
+        # MLflow prints "View run … at: <tracking URI>/#/…" when a run ends: with the user
+        # info in it. Our own messages give the redacted link.
+        os.environ["MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"] = "true"
     mlflow.set_tracking_uri(uri)
     try:
         experiment_id = retry_locked(ensure_experiment, uri, cfg.tracking.experiment)
@@ -248,7 +283,9 @@ def connect(cfg: Config) -> Tracker | None:
         raise
     except Exception as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise UserError(f"MLflow tracking store {redact(uri)} is not usable: {first}") from err
+        raise UserError(
+            f"MLflow tracking store {redact(uri)} is not usable: {redact_text(first, uri)}"
+        ) from err
     return Tracker(uri, experiment_id, cfg, fallback_from)
 
 
@@ -260,7 +297,7 @@ def ensure_experiment(uri: str, name: str) -> str:
     if exp is not None:
         if exp.lifecycle_stage == "deleted":
             raise UserError(
-                f"tracking.experiment={name!r} is deleted in {uri}: restore it "
+                f"tracking.experiment={name!r} is deleted in {redact(uri)}: restore it "
                 "(`mlflow experiments restore`) or choose another name"
             )
         return exp.experiment_id
