@@ -18,7 +18,16 @@ from omegaconf import OmegaConf
 ROOT = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent
 # What a project copy needs to run `dvc repro`: the pipeline, its config and its code.
-PROJECT_FILES = ["dvc.yaml", "params.yaml", "conf", "src", ".dvc/config", ".dvcignore", ".gitignore"]
+PROJECT_FILES = [
+    "dvc.yaml",
+    "params.yaml",
+    "conf",
+    "src",
+    ".dvc/config",
+    ".dvc/plots",
+    ".dvcignore",
+    ".gitignore",
+]
 
 # Small enough to train in about a second, big enough for every stage to mean something.
 TINY = [
