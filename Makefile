@@ -25,6 +25,10 @@ setup-gpu: setup
 run: setup
 	dvc repro
 	@$(BIN)/python -m softmaxlab.tracking
+	@git diff --quiet -- dvc.lock 2>/dev/null || echo "note: dvc.lock changed: this run's model.keras, \
+	reports/train.json and report.html always differ from the committed run's (save time, MLflow run id), \
+	and other CPUs can change predictions in the last bits; commit dvc.lock to record this run \
+	(README: Failures and reproducibility)"
 
 ## test: the test suite (slow tests included; `make test-fast` skips them), one worker per
 ## core: most of it is subprocesses starting Python, which one core leaves idle half the time

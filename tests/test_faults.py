@@ -511,6 +511,19 @@ def test_same_config_gives_identical_bytes_and_metrics_in_fresh_projects(tmp_pat
     assert (a / "data/test.parquet").read_bytes() == (b / "data/test.parquet").read_bytes()
     assert (a / "reports/metrics.json").read_text() == (b / "reports/metrics.json").read_text()
     assert (a / "predictions/test.parquet").read_bytes() == (b / "predictions/test.parquet").read_bytes()
+    # What the README says differs between two runs on one machine, and nothing else.
+    import yaml
+
+    def out_hashes(project):
+        lock = yaml.safe_load((project / "dvc.lock").read_text())["stages"]
+        return {o["path"]: o["md5"] for stage in lock.values() for o in stage.get("outs", [])}
+
+    ha, hb = out_hashes(a), out_hashes(b)
+    assert sorted(k for k in ha if ha[k] != hb[k]) == [
+        "models/model.keras",
+        "reports/report.html",
+        "reports/train.json",
+    ]
 
 
 def test_saved_model_loads_in_keras_safe_mode(good_project):
