@@ -383,7 +383,7 @@ CASES = [
         "check-typo-key",
         edit_params("train.epoch", "5"),
         [sys.executable, "-m", "softmaxlab.check"],
-        ["did you mean `train.epochs`?", "git checkout HEAD -- params.yaml"],
+        ["did you mean `train.epochs`?", "git show HEAD:params.yaml > params.yaml"],
     ),
     # a sweep whose shared settings are wrong fails once, before any job runs
     Case(

@@ -21,9 +21,14 @@ from softmaxlab.errors import UserError, entry_point
 from softmaxlab.io import write_text
 
 MARKER_TEXT = "params.yaml passed softmaxlab's validation\n"
+# Not `git checkout HEAD -- params.yaml`: after a failed `dvc exp run -S optimizer.lr=-0.01`
+# it was seen to leave -0.01 in place, git's index holding the committed file's hash with the
+# new file's size (0.001 and -0.01 are equally long) so that git took the file for unchanged.
+# It depends on timing (git rehashes files changed within its index's timestamp); `git show`
+# always writes the file.
 RESTORE = (
     "stopped before any output was removed; fix params.yaml, or restore the committed one "
-    "(`git checkout HEAD -- params.yaml`)"
+    "(`git show HEAD:params.yaml > params.yaml`)"
 )
 
 
