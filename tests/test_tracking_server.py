@@ -157,6 +157,10 @@ def test_parallel_sweep_of_8_jobs_on_2_workers_loses_no_runs(tmp_path):
     assert len(children) == 8 and (children["status"] == "FINISHED").all()
     assert sorted(children["tags.job_num"].astype(int)) == list(range(8))
     assert children["metrics.test/accuracy"].notna().all()
+    # Each job registered its calibrated model, two processes at a time: one version per job.
+    versions = mlflow.tracking.MlflowClient().search_model_versions("name = 'softmaxlab'")
+    assert sorted(v.run_id for v in versions) == sorted(children["run_id"])
+    assert sorted(int(v.version) for v in versions) == list(range(1, 9))
     parent = df[df["tags.sweep_overrides"].notna()]
     assert len(parent) == 1 and parent.iloc[0]["status"] == "FINISHED"
 
