@@ -162,7 +162,7 @@ def open_store(cfg) -> tuple[object, str]:
 
 def promote_cli(args: list[str]) -> None:
     from softmaxlab.config import load_params, project_root
-    from softmaxlab.tracking import redact
+    from softmaxlab.tracking import redact, redact_text
 
     parser = argparse.ArgumentParser(
         prog="softmaxlab promote",
@@ -179,7 +179,9 @@ def promote_cli(args: list[str]) -> None:
         raise
     except Exception as err:  # a damaged store, a server error: say which, in one line
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise UserError(f"MLflow tracking store {redact(uri)} is not usable: {first}") from err
+        raise UserError(
+            f"MLflow tracking store {redact(uri)} is not usable: {redact_text(first, uri)}"
+        ) from err
     print(text, flush=True)
     if best is None:
         raise UserError(
