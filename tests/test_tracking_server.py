@@ -11,6 +11,7 @@ import threading
 import time
 import urllib.request
 
+import pandas as pd
 import pytest
 from conftest import compose_config, env_with_venv, make_project, run_cmd, tiny_overrides
 
@@ -120,6 +121,9 @@ def test_real_server_receives_runs_directly_and_fallback_runs_by_sync(tmp_path):
         assert [m.step for m in hist] == [1, 2]
         artifacts = {a.path for a in remote.list_artifacts(copied.info.run_id)}
         assert {"calibration", "figures", "report.html", "calibrated"} <= artifacts
+        # Its calibrated model, registered locally when it fell back, is registered there too.
+        (version,) = remote.search_model_versions("name = 'softmaxlab'")
+        assert version.run_id == copied.info.run_id and version.source.endswith("/artifacts/calibrated")
         # A second sync copies nothing twice.
         again = run_cmd(["softmaxlab", "sync"], project, env=env_with_venv(MLFLOW_TRACKING_URI=uri))
         assert "0 run(s) copied" in again.stderr
@@ -136,7 +140,11 @@ def test_real_server_receives_runs_directly_and_fallback_runs_by_sync(tmp_path):
         # Its calibrated model is in the server's artifacts and registry, ready to promote.
         assert "calibrated" in {a.path for a in remote.list_artifacts(direct.info.run_id)}
         versions = remote.search_model_versions("name = 'softmaxlab'")
-        assert [v.run_id for v in versions] == [direct.info.run_id]
+        assert sorted(v.run_id for v in versions) == sorted([copied.info.run_id, direct.info.run_id])
+        # and the team server serves it: the version's files load as the calibrated model.
+        mlflow.set_tracking_uri(uri)
+        model = mlflow.pyfunc.load_model(f"models:/softmaxlab/{version.version}")
+        assert list(model.predict(pd.DataFrame({"x1": [15.0], "x2": [0.0]})).columns)[-1] == "predicted_class"
     finally:
         server.terminate()
         server.wait(timeout=30)

@@ -3,7 +3,7 @@
 When the configured tracking server is unreachable, runs go to the local default store,
 tagged `tracking.fallback_from` (see tracking.connect). Once the server is back, this copies
 each such run — params, tags, every metric's full history, artifacts and the logged model's
-files — into the same experiment there, and tags the local run `tracking.synced_to` so a second
+files, and its registered model versions — into the same experiment there, and tags the local run `tracking.synced_to` so a second
 sync copies nothing twice.
 """
 
@@ -34,6 +34,7 @@ def _copy_run(src, dst, run, experiment_id: str) -> str:
     rid = new.info.run_id
     try:
         _copy_contents(src, dst, run, rid)
+        _register_copy(src, dst, run, rid)
         dst.set_tag(rid, COMPLETE_TAG, "true")
     except BaseException:
         _discard(dst, rid)
@@ -77,6 +78,24 @@ def _copy_contents(src, dst, run, rid: str) -> None:
         ):
             files = mlflow.artifacts.download_artifacts(model.model_uri, dst_path=os.path.join(tmp, "m"))
             dst.log_artifacts(rid, files, model.name)
+
+
+def _register_copy(src, dst, run, rid: str) -> None:
+    """The run's calibrated model was registered in the local store when it fell back: register
+    the copy's on the server too, under the same name, so `softmaxlab promote` there sees it.
+    (A copy that fails later is deleted; its version then points at a deleted run, which
+    promote never picks.)"""
+    from mlflow.exceptions import MlflowException
+
+    for version in src.search_model_versions(f"run_id = '{run.info.run_id}'"):
+        artifact_path = version.source.rstrip("/").rsplit("/", 1)[-1]  # .../artifacts/calibrated
+        try:
+            dst.create_registered_model(version.name)
+        except MlflowException as err:
+            if err.error_code != "RESOURCE_ALREADY_EXISTS":
+                raise
+        source = f"{dst.get_run(rid).info.artifact_uri}/{artifact_path}"
+        dst.create_model_version(version.name, source, rid)
 
 
 def _previous_copy(dst, experiment_id: str, local_run_id: str) -> str | None:
