@@ -34,6 +34,8 @@ INITIALIZERS = (
 OPTIMIZERS = ("adam", "sgd", "rmsprop")
 LOSSES = ("categorical_crossentropy", "categorical_focal_crossentropy")
 DEVICES = ("auto", "cpu", "gpu")
+BACKENDS = ("tensorflow", "jax")  # softmaxlab.backend.BACKENDS; here so validation imports no Keras
+EARLY_STOPPING_MONITORS = ("val_loss", "val_accuracy", "loss", "accuracy")
 
 
 @dataclass
@@ -66,7 +68,19 @@ class OptimizerConfig:
 
 
 @dataclass
+class EarlyStoppingConfig:
+    """keras.callbacks.EarlyStopping, off by default (the tutorial trains all 30 epochs)."""
+
+    enabled: bool = False
+    monitor: str = "val_loss"
+    patience: int = 5
+    min_delta: float = 0.0
+    restore_best_weights: bool = True
+
+
+@dataclass
 class TrainConfig:
+    backend: str = "tensorflow"
     epochs: int = 30
     batch_size: int = 5
     validation_split: float = 0.2
@@ -74,6 +88,7 @@ class TrainConfig:
     label_smoothing: float = 0.0
     device: str = "auto"
     grid_size: int = 150
+    early_stopping: EarlyStoppingConfig = field(default_factory=EarlyStoppingConfig)
 
 
 @dataclass
@@ -295,7 +310,11 @@ def validate(cfg: Config) -> None:
         raise _bad("train.batch_size", t.batch_size, f"must be <= the {n_fit} samples trained on")
     _choice("train.loss", t.loss, LOSSES)
     _number("train.label_smoothing", t.label_smoothing, 0.0, 1.0, hi_open=True)
+    _choice("train.backend", t.backend, BACKENDS)
     _choice("train.device", t.device, DEVICES)
+    _choice("train.early_stopping.monitor", t.early_stopping.monitor, EARLY_STOPPING_MONITORS)
+    _number("train.early_stopping.patience", t.early_stopping.patience, 0, 100_000)
+    _number("train.early_stopping.min_delta", t.early_stopping.min_delta, 0.0, math.inf, hi_open=True)
     _number("train.grid_size", t.grid_size, 10, 2000)
 
     _number("evaluate.n_bins", e.n_bins, 1, 1000)

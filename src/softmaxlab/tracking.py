@@ -25,7 +25,7 @@ from softmaxlab.errors import UserError
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
 # How long a remote tracking server may take to answer before we fall back (see connect).
 REACHABLE_TIMEOUT_S = 5.0
-VERSIONED_PACKAGES = ("softmaxlab", "tensorflow", "keras", "numpy", "scikit-learn", "mlflow", "dvc")
+VERSIONED_PACKAGES = ("softmaxlab", "tensorflow", "jax", "keras", "numpy", "scikit-learn", "mlflow", "dvc")
 
 
 def redact(uri: str) -> str:
@@ -245,7 +245,16 @@ class Tracker:
         ]
         self._log_metric_objects(run_id, curves)
         self.log_metrics(run_id, {TRAIN_SECONDS: result.train_seconds})
-        self.set_tags(run_id, {"device": result.device})
+        info = getattr(result, "info", {}) or {}
+        self.set_tags(
+            run_id,
+            {
+                "device": result.device,
+                "backend": result.backend,
+                "backend_version": info.get("backend_version") or metadata.version(result.backend),
+                **({"warning": info["warning"]} if info.get("warning") else {}),
+            },
+        )
 
 
 def connect(cfg: Config) -> Tracker | None:
