@@ -4,10 +4,11 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 BIN := $(CURDIR)/$(VENV)/bin
 STAMP := $(VENV)/.installed
+JAX_STAMP := $(VENV)/.installed-jax
 # Stage commands are `python -m softmaxlab...`: run them with the venv's python.
 export PATH := $(BIN):$(PATH)
 
-.PHONY: setup setup-gpu run test test-fast bench bench-serve lint params ui serve lock clean
+.PHONY: setup setup-gpu setup-jax gpu-wheels gpu-check run test test-fast bench bench-serve lint params ui serve lock clean
 
 setup: $(STAMP)
 
@@ -21,6 +22,28 @@ $(STAMP): pyproject.toml requirements.lock
 setup-gpu: setup
 	$(BIN)/python -m pip install --quiet -c requirements.lock -e '.[gpu,dev]'
 
+## setup-jax: the JAX backend (train.backend=jax), pinned in requirements.lock
+setup-jax: $(JAX_STAMP)
+
+$(JAX_STAMP): $(STAMP)
+	@echo "installing the jax extra (jax, jaxlib: about 100 MB, a minute)..."
+	$(BIN)/python -m pip install --quiet -c requirements.lock -e '.[jax,dev]'
+	@touch $(JAX_STAMP)
+
+## gpu-wheels: the few wheels (Keras, Hydra, ~11 MB) a borrowed GPU machine with Python 3.12
+## and JAX but no network lacks, for bench/gpu_check.sh (bench/README.md)
+gpu-wheels: setup
+	rm -rf bench/gpu_wheels && mkdir -p bench/gpu_wheels
+	$(BIN)/python -m pip download --quiet --no-deps --only-binary=:all: --python-version 3.12 \
+	  --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 \
+	  --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d bench/gpu_wheels \
+	  $$(grep -E '^(keras|absl-py|rich|markdown-it-py|mdurl|Pygments|namex|h5py|optree|hydra-core|omegaconf|PyYAML)==' requirements.lock)
+	$(BIN)/python -m pip wheel --quiet --no-deps -w bench/gpu_wheels $$(grep -E '^antlr4-python3-runtime==' requirements.lock)
+
+## gpu-check: bench/gpu_check.sh here (the GPU rows are skipped on a machine without one)
+gpu-check: setup-jax
+	PYTHON=$(BIN)/python bench/gpu_check.sh
+
 ## run: the whole pipeline (dvc repro); a second run says it is up to date
 run: setup
 	dvc repro
@@ -31,11 +54,12 @@ run: setup
 	(README: Failures and reproducibility)"
 
 ## test: the test suite (slow tests included; `make test-fast` skips them), one worker per
-## core: most of it is subprocesses starting Python, which one core leaves idle half the time
-test: setup
+## core: most of it is subprocesses starting Python, which one core leaves idle half the time.
+## It installs the jax extra too: the JAX backend is tested beside TensorFlow.
+test: setup-jax
 	$(BIN)/python -m pytest -n auto --durations=15
 
-test-fast: setup
+test-fast: setup-jax
 	$(BIN)/python -m pytest -n auto -m "not slow"
 
 ## bench: speed against the tutorial's own script (bench/README.md)

@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 from conftest import compose_config, tiny_overrides
 
-from softmaxlab import generate, pipeline, train
+from softmaxlab import backend, generate, pipeline, train
 from softmaxlab import metrics as names
 from softmaxlab.io import n_classes_of, read_predictions
 
@@ -50,7 +50,7 @@ def test_stages_do_not_import_what_they_do_not_use(stage, absent):
 def test_train_stage_loads_keras_without_sklearn_and_leaves_sklearn_importable():
     # keras would import scikit-learn and SciPy's stats (~1.4 s) for wrappers we never use.
     code = (
-        "import sys; from softmaxlab import train; train._tf(); import keras;"
+        "import sys; from softmaxlab import backend; backend.keras_module('tensorflow'); import keras;"
         "hidden = 'sklearn' not in sys.modules and 'scipy.stats' not in sys.modules;"
         "from sklearn.datasets import make_blobs; make_blobs(n_samples=4, random_state=0);"
         "print(hidden, keras.layers.Dense(2)(keras.ops.ones((1, 3))).shape)"
@@ -121,8 +121,9 @@ def test_mlflow_run_holds_params_curves_metrics_artifacts_model_and_provenance(t
     assert run.data.metrics[names.TRAIN_SECONDS] == pytest.approx(info["train_seconds"], abs=1e-4)
     assert info["train_seconds"] > 0
     tags = run.data.tags
-    # The device TensorFlow trained on: "CPU", or "GPU: <name>" on a GPU machine.
-    assert tags["device"] == train.select_device(cfg.train.device)[1] == info["device"]
+    # The device Keras trained on: "CPU", or "GPU: <name>" on a GPU machine.
+    assert tags["device"] == backend.select_device(cfg.train.backend, cfg.train.device)[1] == info["device"]
+    assert tags["backend"] == "tensorflow" and tags["backend_version"].startswith("2.")
     assert len(tags["data_md5"]) == 32
     assert "git_commit" in tags and "versions.tensorflow" in tags
     assert tags["git_dirty"] in ("true", "false")
@@ -158,8 +159,8 @@ def test_same_config_gives_identical_training_on_cpu():
     pd.testing.assert_frame_equal(a.predictions["test"], b.predictions["test"], check_exact=True)
 
 
-def test_seed_config_reaches_the_tutorials_accuracy_with_its_own_training_loop():
-    """The tutorial's exact defaults (30 epochs, batch 5, Adam 1e-3) through our loop."""
+def test_seed_config_reaches_the_tutorials_accuracy_through_keras_fit():
+    """The tutorial's exact defaults (30 epochs, batch 5, Adam 1e-3) through keras.Model.fit."""
     cfg = compose_config()
     train_df, test_df = pipeline.data_for(cfg.data)
     result = train.train(cfg, train_df, test_df)
@@ -189,10 +190,10 @@ def test_a_sweep_generates_each_data_set_once():
 def test_tensorflow_start_up_noise_is_held_back_but_replayed_when_it_fails(capfd):
     import os
 
-    with train._native_stderr_hushed(True):
+    with backend.native_stderr_hushed(True):
         os.write(2, b"could not find cuda drivers\n")
     assert "cuda" not in capfd.readouterr().err
-    with pytest.raises(ImportError), train._native_stderr_hushed(True):
+    with pytest.raises(ImportError), backend.native_stderr_hushed(True):
         os.write(2, b"libcudnn.so: cannot open shared object file\n")
         raise ImportError("tensorflow")
     assert "libcudnn.so" in capfd.readouterr().err

@@ -186,3 +186,33 @@ def seed_everything(name: str, seed: int) -> None:
         import tensorflow as tf
 
         tf.config.experimental.enable_op_determinism()
+
+
+def sweep_backends(task_overrides: list[str], sweeper_params: dict | None, default: str) -> set[str]:
+    """Every train.backend a sweep's jobs will use: from its command-line overrides
+    (`train.backend=tensorflow,jax`) and the sweeper's search space (Optuna's `params`)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parser = OverridesParser.create()
+    found: set[str] = set()
+    specs = list(task_overrides) + [f"{k}={v}" for k, v in (sweeper_params or {}).items()]
+    for override in parser.parse_overrides(specs):
+        if override.key_or_group != "train.backend":
+            continue
+        if override.is_sweep_override():
+            found.update(override.sweep_string_iterator())
+        else:
+            found.add(str(override.value()))
+    return found or {default}
+
+
+def check_sweep(task_overrides: list[str], sweeper_params: dict | None, default: str) -> None:
+    """A sweep's jobs share processes (the basic launcher runs them all in this one; joblib
+    and Ray reuse their workers), and a process has one backend: refuse a sweep that mixes
+    backends before any job runs, instead of failing job after job."""
+    backends = sweep_backends(task_overrides, sweeper_params, default)
+    if len(backends) > 1:
+        raise UserError(
+            f"train.backend={','.join(sorted(backends))} is not allowed in one sweep: its jobs share "
+            "processes and a process has one Keras backend; run one sweep per backend"
+        )

@@ -80,12 +80,15 @@ class SweepCallback(Callback):
     """Registered in conf/config.yaml under hydra.callbacks."""
 
     def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
-        from softmaxlab import tracking
+        from softmaxlab import backend, tracking
         from softmaxlab.errors import fail
 
         try:
             cfg = _job_config(config)
             check_direction(cfg.objective, config.hydra.sweeper.get("direction"))
+            backend.check_sweep(
+                list(config.hydra.overrides.task), config.hydra.sweeper.get("params"), cfg.train.backend
+            )
             check_jobs(config)
             tracker = tracking.connect(cfg)
         except UserError as err:  # before any job and any run: the sweep is misconfigured

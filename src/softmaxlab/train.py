@@ -119,7 +119,9 @@ def build_loss(name: str, label_smoothing: float, from_logits: bool = True):
     import keras
 
     if name == "categorical_focal_crossentropy":
-        return keras.losses.CategoricalFocalCrossentropy(label_smoothing=label_smoothing, from_logits=from_logits)
+        return keras.losses.CategoricalFocalCrossentropy(
+            label_smoothing=label_smoothing, from_logits=from_logits
+        )
     return keras.losses.CategoricalCrossentropy(label_smoothing=label_smoothing, from_logits=from_logits)
 
 
@@ -156,7 +158,9 @@ def show_progress() -> bool:
     return sys.stdout.isatty() and os.environ.get("CI", "").lower() not in ("1", "true")
 
 
-def fit(model, cfg: TrainConfig, x_fit, y_fit, x_val, y_val, optimizer, progress: bool = False) -> pd.DataFrame:
+def fit(
+    model, cfg: TrainConfig, x_fit, y_fit, x_val, y_val, optimizer, progress: bool = False
+) -> pd.DataFrame:
     """`keras.Model.fit` on the logits, validating after every epoch; the history frame.
 
     Each epoch shuffles and takes ceil(n / batch_size) steps (the last batch may be
@@ -251,7 +255,9 @@ def train(cfg: Config, train_df: pd.DataFrame, test_df: pd.DataFrame, progress: 
         predictions["grid"] = grid_df
 
     result = TrainResult(model, history, predictions, train_seconds, device_name, name)
-    result.info["val_accuracy_reference"] = reference_accuracy(cfg, x[n_fit:].astype(np.float64), labels[n_fit:])
+    result.info["val_accuracy_reference"] = reference_accuracy(
+        cfg, x[n_fit:].astype(np.float64), labels[n_fit:]
+    )
     return result
 
 
