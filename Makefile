@@ -14,20 +14,23 @@ setup: $(STAMP)
 
 $(STAMP): pyproject.toml requirements.lock
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -c requirements.lock -e '.[dev]'
+	@echo "setup: installing the versions pinned in requirements.lock into .venv: about 150 packages,"
+	@echo "       1.5 GB (TensorFlow, MLflow, DVC, ...); 2-4 minutes the first time, seconds after that"
+	@$(BIN)/python -m pip install --quiet --upgrade pip
+	@tools/pip_install.sh $(BIN)/python -c requirements.lock -e '.[dev]'
 	@touch $(STAMP)
 
 ## setup-gpu: TensorFlow with CUDA libraries (Linux, NVIDIA GPU); then train.device=auto|gpu
 setup-gpu: setup
-	$(BIN)/python -m pip install --quiet -c requirements.lock -e '.[gpu,dev]'
+	@echo "setup-gpu: TensorFlow's CUDA libraries (several GB; minutes)"
+	@tools/pip_install.sh $(BIN)/python -c requirements.lock -e '.[gpu,dev]'
 
 ## setup-jax: the JAX backend (train.backend=jax), pinned in requirements.lock
 setup-jax: $(JAX_STAMP)
 
 $(JAX_STAMP): $(STAMP)
-	@echo "installing the jax extra (jax, jaxlib: about 100 MB, a minute)..."
-	$(BIN)/python -m pip install --quiet -c requirements.lock -e '.[jax,dev]'
+	@echo "setup-jax: installing the jax extra (jax, jaxlib: about 100 MB, under a minute)"
+	@tools/pip_install.sh $(BIN)/python -c requirements.lock -e '.[jax,dev]'
 	@touch $(JAX_STAMP)
 
 ## gpu-wheels: the few wheels (Keras, Hydra, ~11 MB) a borrowed GPU machine with Python 3.12

@@ -158,13 +158,21 @@ def test_early_stopping_from_config_stops_before_the_last_epoch():
     assert list(result.history["epoch"]) == list(range(1, len(result.history) + 1))
 
 
-def test_a_run_far_below_what_the_data_allows_says_so():
+def test_a_run_far_below_what_the_data_allows_says_so(tmp_path):
     # SGD with momentum at lr 0.01 kills the ReLUs on the blobs' unscaled inputs (seen on
     # the README's old example): validation accuracy stays near 0.5 where 1.0 is possible.
     cfg = compose_config(*tiny_overrides("optimizer=sgd", "optimizer.lr=0.05", "train.epochs=3"))
     result = train.train(cfg, *pipeline.data_for(cfg.data))
     warning = train.shortfall(result)
     assert warning and "far below" in warning and "this data allows" in warning
+    # ... in the Hydra app's summary and in the report too.
+    out = run_cmd(
+        [sys.executable, "-m", "softmaxlab", *tiny_overrides("optimizer=sgd", "optimizer.lr=0.05", "train.epochs=3"),
+         "tracking.enabled=false", f"hydra.run.dir={tmp_path / 'run'}"], ROOT,
+    )  # fmt: skip
+    assert "softmaxlab: warning: validation accuracy" in out.stderr and "far below" in out.stderr
+    page = (tmp_path / "run" / "reports" / "report.html").read_text()
+    assert "Training failed." in page and "this data allows" in page
     good = compose_config(*tiny_overrides("train.epochs=12"))
     assert train.shortfall(train.train(good, *pipeline.data_for(good.data))) is None
 

@@ -72,7 +72,12 @@ def test_metrics_json_is_the_headline_and_agrees_with_predictions(trained):
     for metric in names.CALIBRATION:  # every metric has its interval, before and after scaling
         for scaled in (False, True):
             lo, hi = (full[names.test_ci(metric, end, scaled)] for end in names.CI_ENDS)
-            assert lo <= full[names.test(metric, scaled)] <= hi, (metric, scaled)
+            assert np.isfinite([lo, hi]).all() and lo <= hi, (metric, scaled)
+            # Means of per-sample terms sit inside their percentile interval. The binned ECE
+            # family is biased upwards under resampling, so its interval may lie above the
+            # point estimate (seen here: adaptive ECE 0.2414 outside [0.2442, ...]).
+            if metric in ("accuracy", "nll", "brier"):
+                assert lo <= full[names.test(metric, scaled)] <= hi, (metric, scaled)
 
 
 def test_predictions_hold_probabilities_logits_and_labels(trained):

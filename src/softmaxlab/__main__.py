@@ -98,7 +98,7 @@ def job(dcfg) -> float:
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
-    from softmaxlab import evaluate, pipeline, sweep, tracking
+    from softmaxlab import evaluate, pipeline, sweep, tracking, train
     from softmaxlab.config import to_config
 
     _state["entered"] = True
@@ -134,11 +134,14 @@ def job(dcfg) -> float:
         metrics = pipeline.run(
             cfg, Path(hc.runtime.output_dir), tracker, run_name=overrides or None,
             parent_run_id=sweep.parent_run_id() if multirun else None, tags=tags,
+            progress=not multirun and train.show_progress(),  # a sweep's jobs: one line each
         )  # fmt: skip
     except UserError as err:  # its run, if it had one, is already marked FAILED
         return failed(err)
     value = metrics.get(cfg.objective, float("nan"))
     print(f"softmaxlab: {evaluate.summary_line(metrics)}; outputs in {hc.runtime.output_dir}")
+    if metrics.get("warning"):
+        print(f"softmaxlab: warning: {metrics['warning']}", file=sys.stderr)
     return float(value)
 
 

@@ -34,15 +34,22 @@ def run(
     run_name: str | None = None,
     parent_run_id: str | None = None,
     tags: dict[str, str] | None = None,
+    progress: bool = False,
 ) -> dict[str, float]:
-    """generate -> train -> evaluate -> report under `root`; returns the metrics."""
+    """generate -> train -> evaluate -> report under `root`; returns the metrics (and the
+    train stage's warning, if any, under "warning"). `progress`: Keras' progress bar."""
     from softmaxlab.tracking import maybe_run
 
     root = Path(root)
     with maybe_run(tracker, cfg, run_name=run_name, parent_run_id=parent_run_id, tags=tags) as run_id:
         train_df, test_df = data_for(cfg.data)
         generate.write(cfg, train_df, test_df, root)
-        trained = train.run(cfg, root, tracker, run_id)
+        trained = train.run(cfg, root, tracker, run_id, progress=progress)
         metrics = evaluate.run(cfg, root).metrics
         report.run(cfg, root, tracker, run_id)
-    return {**metrics, TRAIN_SECONDS: trained.train_seconds, "run_id": run_id}
+    return {
+        **metrics,
+        TRAIN_SECONDS: trained.train_seconds,
+        "run_id": run_id,
+        "warning": trained.info.get("warning"),
+    }

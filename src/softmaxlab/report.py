@@ -110,6 +110,13 @@ def _temperature_warning(m: dict[str, float]) -> str:
     )
 
 
+def _training_warning(info: dict) -> str:
+    """The train stage's shortfall warning (train.shortfall): training far below what the data allows."""
+    if not info.get("warning"):
+        return ""
+    return f'<p class="warn"><strong>Training failed.</strong> {html.escape(str(info["warning"]))}.</p>'
+
+
 def render(cfg: Config, metrics: dict[str, float], info: dict, images: list[tuple[Path, str]]) -> str:
     import yaml
 
@@ -120,7 +127,8 @@ def render(cfg: Config, metrics: dict[str, float], info: dict, images: list[tupl
     )
     run = info.get("run_id") or "not tracked"
     facts = (
-        f"MLflow run <code>{html.escape(str(run))}</code> · device {html.escape(str(info.get('device')))} · "
+        f"MLflow run <code>{html.escape(str(run))}</code> · device {html.escape(str(info.get('device')))} "
+        f"({html.escape(str(info.get('backend', 'tensorflow')))} {html.escape(str(info.get('backend_version', '')))}) · "
         f"training {info.get('train_seconds', 0):.2f} s · data md5 <code>{html.escape(str(info.get('data_md5')))}</code>"
     )
     # What shapes the results; paths and tracking do not (and are not report params in dvc.yaml).
@@ -140,6 +148,7 @@ figcaption {{ color: #555; font-size: .9em; }} pre {{ background: #f6f8fa; paddi
 </style></head><body>
 <h1>softmaxlab: model <em>{html.escape(cfg.model.name)}</em> on <em>{html.escape(cfg.data.name)}</em>, seed {cfg.seed}</h1>
 <p class="key">{head}</p>
+{_training_warning(info)}
 <p>{facts}</p>
 <h2>Test metrics</h2>
 {_metrics_table(metrics, cfg.evaluate.ci)}
