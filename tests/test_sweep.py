@@ -45,8 +45,13 @@ def project(tmp_path_factory):
 
 
 def test_in_process_multirun_logs_children_under_one_parent_with_summary(project):
-    out = sweep(project, "model=seed,tiny", "seed=0,1").stdout
+    proc = sweep(project, "model=seed,tiny", "seed=0,1")
+    out = proc.stdout
     parent = check_parent_and_children(project, 4)
+    # Progress after every job: k/N and an estimate of the time left, until the last.
+    progress = [line for line in proc.stderr.splitlines() if line.startswith("sweep: ")]
+    assert [p.split(" jobs done")[0] for p in progress] == [f"sweep: {k}/4" for k in range(1, 5)]
+    assert all("left" in p for p in progress[:-1]) and "left" not in progress[-1]
     # seed=0,1 varies the weights and shuffling, not the data: every job is measured on one test set.
     children = runs(project).dropna(subset=["tags.job_num"])
     assert children["tags.data_md5"].nunique() == 1
@@ -79,8 +84,11 @@ def test_in_process_multirun_logs_children_under_one_parent_with_summary(project
 
 def test_parallel_joblib_sweep_loses_no_runs(tmp_path):
     project = make_project(tmp_path / "proj")
-    sweep(project, "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "model=seed,tiny", "seed=0,1")
+    proc = sweep(project, "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "model=seed,tiny", "seed=0,1")
     check_parent_and_children(project, 4)
+    # Jobs finish in other processes, in any order, and still count to 4/4 exactly once each.
+    done = sorted(line.split(" jobs done")[0] for line in proc.stderr.splitlines() if " jobs done" in line)
+    assert done == [f"sweep: {k}/4" for k in range(1, 5)]
 
 
 def test_queued_dvc_grid_runs_and_shows_in_exp_show(tmp_path):

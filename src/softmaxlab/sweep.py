@@ -12,11 +12,13 @@ import itertools
 import os
 import re
 import sys
+import time
 import uuid
 from pathlib import Path
 
 import pandas as pd
 from hydra.experimental.callback import Callback
+from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from softmaxlab import metrics as names
@@ -25,6 +27,7 @@ from softmaxlab.errors import UserError
 ENV_PARENT = "SOFTMAXLAB_PARENT_RUN_ID"
 ENV_SWEEP = "SOFTMAXLAB_SWEEP_ID"
 ENV_STORE = "SOFTMAXLAB_SWEEP_STORE"  # "<experiment id> <tracking uri>" of the parent run
+ENV_PROGRESS = "SOFTMAXLAB_SWEEP_PROGRESS"  # "<planned jobs> <start time>" for the k/N lines
 # The summary's columns: the validation metrics a sweep may optimise, then the headline.
 _METRIC_COLUMNS = [*names.OBJECTIVES, *(m for m in names.HEADLINE.values() if m not in names.OBJECTIVES)]
 SUMMARY_COLUMNS = {
@@ -95,6 +98,9 @@ class SweepCallback(Callback):
             fail(str(err))
         sid = f"{Path(config.hydra.sweep.dir).name}-{uuid.uuid4().hex[:6]}"
         os.environ[ENV_SWEEP] = sid
+        total = planned_jobs(config)
+        if total:
+            os.environ[ENV_PROGRESS] = f"{total} {time.time()}"
         if tracker is None:
             return
         tags = {
@@ -109,6 +115,27 @@ class SweepCallback(Callback):
         os.environ[ENV_STORE] = f"{tracker.experiment_id} {tracker.uri}"
         _state["parent"] = (tracker, run.info.run_id, Path(config.hydra.sweep.dir))
         print(f"softmaxlab: sweep {sid}, MLflow parent run {run.info.run_id}", file=sys.stderr)
+
+    def on_job_end(self, config: DictConfig, job_return, **kwargs) -> None:
+        """`sweep: 3/12 jobs done, 41 s so far, about 2 min left` after every job. Jobs may
+        run in other processes (joblib), so each finished job leaves a marker in the sweep
+        directory and the count is of markers; the estimate is wall time per finished job."""
+        progress = os.environ.get(ENV_PROGRESS)
+        if not progress or config.hydra.mode != RunMode.MULTIRUN:
+            return
+        total, start = int(progress.split()[0]), float(progress.split()[1])
+        marks = Path(config.hydra.sweep.dir) / ".jobs_done"
+        marks.mkdir(parents=True, exist_ok=True)
+        (marks / str(config.hydra.job.num)).touch()
+        done = len(list(marks.iterdir()))
+        elapsed = time.time() - start
+        left = elapsed / done * max(total - done, 0)
+        print(
+            f"sweep: {done}/{total} jobs done, {_duration(elapsed)} so far"
+            + (f", about {_duration(left)} left" if done < total else ""),
+            file=sys.stderr,
+            flush=True,
+        )
 
     def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
         parent = _state["parent"]
@@ -168,6 +195,22 @@ def check_jobs(config: DictConfig) -> None:
             _job_config(composed)
         except UserError as err:
             raise UserError(f"{where}: {err}; no job was run") from err
+
+
+def planned_jobs(config: DictConfig) -> int | None:
+    """How many jobs the sweep will run: Optuna's n_trials, or every combination of the
+    basic sweeper's values (sweep_jobs); None if unknown."""
+    sweeper = config.hydra.sweeper
+    if sweeper.get("n_trials") is not None:
+        return int(sweeper.n_trials)
+    try:
+        return len(sweep_jobs(config))
+    except Exception:  # a sweeper or syntax we do not know: no estimate, no k/N lines
+        return None
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 90 else f"{seconds / 60:.0f} min"
 
 
 def check_direction(objective: str, direction) -> None:

@@ -176,6 +176,9 @@ class Tracker:
             all_tags["dvc_exp_baseline_rev"] = os.environ.get("DVC_EXP_BASELINE_REV", "")
         if self.fallback_from:
             all_tags["tracking.fallback_from"] = redact(self.fallback_from)
+        # The fluent API (start_run, log_model) follows the process-wide URI, which other code
+        # in the process may have moved since connect(): pin it to this tracker's store.
+        mlflow.set_tracking_uri(self.uri)
         run = retry_locked(
             mlflow.start_run,
             experiment_id=self.experiment_id,
