@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from softmaxlab import calibration
+from softmaxlab import calibration, tracking
 from softmaxlab import metrics as names
 from softmaxlab.config import Config, EvaluateConfig, load_params
 from softmaxlab.errors import entry_point
@@ -78,8 +78,9 @@ def evaluate(val: Split, test: Split, cfg: EvaluateConfig, seed: int) -> EvalRes
 def dvc_metrics(metrics: dict[str, float]) -> dict[str, float]:
     """reports/metrics.json: the headline numbers under short names (accuracy, nll, ece,
     ece_ts, temperature, val_nll), which is what `dvc exp show` and `dvc metrics show` list.
-    The intervals and the rest stay in reports/calibration/metrics.json."""
-    return {short: round(metrics[full], 6) for short, full in names.HEADLINE.items()}
+    The intervals and the rest stay in reports/calibration/metrics.json. Four significant
+    digits: enough to compare runs, and narrow columns in DVC's table."""
+    return {short: float(f"{metrics[full]:.4g}") for short, full in names.HEADLINE.items()}
 
 
 def summary_line(metrics: dict[str, float]) -> str:
@@ -115,7 +116,8 @@ def read(cfg: Config, root: Path) -> tuple[dict[str, float], dict[str, pd.DataFr
 @entry_point
 def main() -> None:
     cfg = load_params()
-    print(f"evaluate: {summary_line(run(cfg, Path('.')).metrics)}")
+    with tracking.failure_recorded(cfg, "evaluate"):
+        print(f"evaluate: {summary_line(run(cfg, Path('.')).metrics)}")
 
 
 if __name__ == "__main__":

@@ -41,7 +41,10 @@ def run(
     from softmaxlab.tracking import maybe_run
 
     root = Path(root)
-    with maybe_run(tracker, cfg, run_name=run_name, parent_run_id=parent_run_id, tags=tags) as run_id:
+    # Every stage runs inside the block: the run ends FINISHED or FAILED with it.
+    with maybe_run(
+        tracker, cfg, later_stages=(), run_name=run_name, parent_run_id=parent_run_id, tags=tags
+    ) as run_id:
         train_df, test_df = data_for(cfg.data)
         generate.write(cfg, train_df, test_df, root)
         trained = train.run(cfg, root, tracker, run_id, progress=progress)

@@ -291,15 +291,25 @@ def train_info(cfg: Config, root: Path = Path(".")) -> dict:
 def main() -> None:
     """run(), with the drawing in a second process: matplotlib and MLflow each take seconds
     to import, and on two cores the figures are drawn while this process imports MLflow and
-    records the metrics."""
+    records the metrics. As the last stage under `dvc repro` it completes the run train
+    opened (FINISHED), or records its own failure in it."""
+    from softmaxlab import tracking
+
+    cfg = load_params()
+    with tracking.failure_recorded(cfg, "report"):
+        path, tracker, run_id = _draw_and_record(cfg, Path("."))
+        if tracker:
+            tracker.finish(run_id)
+    print(f"report: {path}")
+
+
+def _draw_and_record(cfg: Config, root: Path):
     import multiprocessing
     import signal
     from concurrent.futures import ProcessPoolExecutor
 
     from softmaxlab import tracking
 
-    cfg = load_params()
-    root = Path(".")
     info = train_info(cfg)
     metrics, tables = evaluate.read(cfg, root)
     # fork where there is one: nothing heavy is imported yet (no TensorFlow, no MLflow), and
@@ -318,7 +328,7 @@ def main() -> None:
         path = drawn.result()
     if tracker:
         record_report(tracker, run_id, cfg, root)
-    print(f"report: {path}")
+    return path, tracker, run_id
 
 
 if __name__ == "__main__":

@@ -23,6 +23,13 @@ from softmaxlab.config import Config, flatten, project_root
 from softmaxlab.errors import UserError
 
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+# Under `dvc repro` a run is opened by train and completed by report, in separate processes.
+# Until report is done it is FAILED (never RUNNING, so no exit can strand it) and tagged with
+# what is still to run; report marks it FINISHED, a failing later stage adds its error.
+PENDING_TAG = "pipeline.pending"
+DVC_LATER_STAGES = ("evaluate", "report")
+ERROR_TAG, FAILED_STAGE_TAG = "error", "pipeline.failed_stage"
+NOTE_TAG = "mlflow.note.content"  # the run's description on its MLflow page
 # How long a remote tracking server may take to answer before we fall back (see connect).
 REACHABLE_TIMEOUT_S = 5.0
 VERSIONED_PACKAGES = ("softmaxlab", "tensorflow", "jax", "keras", "numpy", "scikit-learn", "mlflow", "dvc")
@@ -164,9 +171,12 @@ class Tracker:
         run_name: str | None = None,
         parent_run_id: str | None = None,
         tags: dict[str, str] | None = None,
+        later_stages: tuple[str, ...] = (),
     ) -> Iterator[str]:
         """Open a run with the config as params and provenance tags; close it FINISHED,
-        FAILED (exception) or KILLED (Ctrl-C) — never leave it RUNNING."""
+        FAILED (exception) or KILLED (Ctrl-C) — never leave it RUNNING. With later_stages
+        (stages in other processes still to add to it), success closes it FAILED and tagged
+        PENDING_TAG until the last of them calls finish()."""
         import mlflow
 
         all_tags = {**git_state(project_root()), **environment_tags(), **(tags or {})}
@@ -198,6 +208,13 @@ class Tracker:
             status = "FAILED"
             raise
         finally:
+            if status == "FINISHED" and later_stages:
+                pending = ", ".join(later_stages)
+                self.set_tags(run.info.run_id, {
+                    PENDING_TAG: pending,
+                    NOTE_TAG: f"Not complete: {pending} still to run (FAILED until report is done).",
+                })  # fmt: skip
+                status = "FAILED"
             if mlflow.active_run() and mlflow.active_run().info.run_id == run.info.run_id:
                 retry_locked(mlflow.end_run, status)
             else:
@@ -215,6 +232,17 @@ class Tracker:
         from mlflow.entities import RunTag
 
         retry_locked(self.client.log_batch, run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+
+    def finish(self, run_id: str) -> None:
+        """The last stage is done: the run is complete, whatever an earlier attempt said."""
+        stale = [
+            t
+            for t in (PENDING_TAG, ERROR_TAG, FAILED_STAGE_TAG)
+            if t in self.client.get_run(run_id).data.tags
+        ]
+        for tag in stale:
+            retry_locked(self.client.delete_tag, run_id, tag)
+        retry_locked(self.client.set_terminated, run_id, "FINISHED")
 
     def log_metrics(self, run_id: str, metrics: dict[str, float], step: int = 0) -> None:
         from mlflow.entities import Metric
@@ -346,12 +374,48 @@ def prepare_store(cfg: Config) -> subprocess.Popen | None:
 
 
 @contextlib.contextmanager
-def maybe_run(tracker: Tracker | None, cfg: Config, **kwargs) -> Iterator[str | None]:
+def maybe_run(
+    tracker: Tracker | None, cfg: Config, later_stages: tuple[str, ...] = DVC_LATER_STAGES, **kwargs
+) -> Iterator[str | None]:
+    """tracker.run, or nothing when tracking is off. By default for the train stage under
+    `dvc repro`: evaluate and report still follow, and report completes the run. The in-process
+    pipeline, which runs every stage inside the block, passes later_stages=()."""
     if tracker is None:
         yield None
         return
-    with tracker.run(cfg, **kwargs) as run_id:
+    with tracker.run(cfg, later_stages=later_stages, **kwargs) as run_id:
         yield run_id
+
+
+@contextlib.contextmanager
+def failure_recorded(cfg: Config, stage: str) -> Iterator[None]:
+    """Around a later stage's work under `dvc repro` (evaluate, report): if it fails, the run
+    train opened gets the error and stays FAILED. Only a run still pending is touched: a stage
+    re-run by hand after the pipeline completed leaves that complete run as it was. MLflow is
+    imported only on failure, so evaluate still starts without it."""
+    try:
+        yield
+    except BaseException as err:
+        with contextlib.suppress(Exception):  # recording must never hide the error itself
+            _record_failure(cfg, stage, err)
+        raise
+
+
+def _record_failure(cfg: Config, stage: str, err: BaseException) -> None:
+    from softmaxlab.io import read_json
+
+    info_path = Path(cfg.paths.train_info)  # the stage's own workspace: DVC runs it there
+    if not info_path.is_file():
+        return
+    tracker, run_id = reopen(cfg, read_json(info_path))
+    if tracker is None or PENDING_TAG not in tracker.client.get_run(run_id).data.tags:
+        return
+    message = f"{stage}: {str(err).strip() or type(err).__name__}"
+    tracker.set_tags(
+        run_id, {ERROR_TAG: message[:5000], FAILED_STAGE_TAG: stage, NOTE_TAG: f"Failed in {message}"}
+    )
+    status = "KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED"
+    retry_locked(tracker.client.set_terminated, run_id, status)
 
 
 def runs_table_url(experiment_id: str, host: str = "http://127.0.0.1:5000") -> str:
