@@ -67,27 +67,41 @@ def test_bad_override_type_fails_at_compose_time_naming_the_key():
     assert "train.epochs" in str(err.value.__cause__) or "train.epochs" in str(err.value)
 
 
-@pytest.mark.parametrize(
-    "override,needle",
-    [
-        ("model.activation=relux", "model.activation='relux'"),
-        ("optimizer.name=adamw", "optimizer.name='adamw'"),
-        ("optimizer.lr=0", "optimizer.lr=0.0"),
-        ("optimizer.lr=-0.1", "optimizer.lr=-0.1"),
-        ("train.validation_split=1.0", "train.validation_split=1.0"),
-        ("train.batch_size=100000", "train.batch_size=100000"),
-        ("data.n_test=1000", "data.n_test=1000"),
-        ("data.centers=[[1,2]]", "data.centers"),
-        ("model.hidden=[12,0]", "model.hidden[1]=0"),
-        ("model.hidden=[]", "model.hidden=[]"),
-        ("train.device=tpu", "train.device='tpu'"),
-        ("train.backend=torch", "train.backend='torch'"),
-        ("train.early_stopping.monitor=val_f1", "train.early_stopping.monitor='val_f1'"),
-        ("train.early_stopping.patience=-1", "train.early_stopping.patience=-1"),
-        ("train.loss=mse", "train.loss='mse'"),
-        ("model.kernel_initializer=zeros", "model.kernel_initializer='zeros'"),
-    ],
-)
+BAD_VALUES = [
+    ("model.activation=relux", "model.activation='relux'"),
+    ("optimizer.name=adamw", "optimizer.name='adamw'"),
+    ("optimizer.lr=0", "optimizer.lr=0.0"),
+    ("optimizer.lr=-0.1", "optimizer.lr=-0.1"),
+    ("train.validation_split=1.0", "train.validation_split=1.0"),
+    ("train.batch_size=100000", "train.batch_size=100000"),
+    ("data.n_test=1000", "data.n_test=1000"),
+    ("data.centers=[[1,2]]", "data.centers"),
+    ("model.hidden=[12,0]", "model.hidden[1]=0"),
+    ("model.hidden=[]", "model.hidden=[]"),
+    ("train.device=tpu", "train.device='tpu'"),
+    ("train.backend=torch", "train.backend='torch'"),
+    ("train.early_stopping.monitor=val_f1", "train.early_stopping.monitor='val_f1'"),
+    ("train.early_stopping.patience=-1", "train.early_stopping.patience=-1"),
+    ("train.loss=mse", "train.loss='mse'"),
+    ("model.kernel_initializer=zeros", "model.kernel_initializer='zeros'"),
+    ("seed=-1", "seed=-1"),
+    ("data.seed=-1", "data.seed=-1"),
+    ("data.cluster_std=0", "data.cluster_std=0.0"),
+    ("data.n_samples=2", "data.n_samples=2"),
+    ("model.dropout=1.0", "model.dropout=1.0"),
+    ("optimizer.momentum=1.0", "optimizer.momentum=1.0"),
+    ("train.epochs=0", "train.epochs=0"),
+    ("train.label_smoothing=1.0", "train.label_smoothing=1.0"),
+    ("train.grid_size=5", "train.grid_size=5"),
+    ("evaluate.n_bins=0", "evaluate.n_bins=0"),
+    ("evaluate.n_bootstrap=-1", "evaluate.n_bootstrap=-1"),
+    ("evaluate.ci=1.0", "evaluate.ci=1.0"),
+    ("objective=test/accuracy", "objective='test/accuracy'"),
+    ("tracking.experiment=' '", "tracking.experiment=' '"),
+]
+
+
+@pytest.mark.parametrize("override,needle", BAD_VALUES)
 def test_validation_names_key_value_and_what_is_allowed(override, needle):
     with pytest.raises(UserError) as err:
         compose_config(override)
@@ -167,3 +181,51 @@ def test_adopt_writes_an_experiments_values_into_conf_keeping_comments(project_c
     assert "# The single source of truth" in main and "  - sweep: null" in main
     assert "# The tutorial's training loop." in (project_copy / "conf" / "train" / "default.yaml").read_text()
     assert adopt(project_copy) == []  # nothing left to adopt
+
+
+def test_every_validated_key_has_a_bad_value_test():
+    # Every key validate() checks is exercised with a bad value here or in test_faults.py: a
+    # new rule without a test, or a test whose key no rule checks any more, fails here.
+    import ast
+    import inspect
+
+    from test_faults import CASES
+
+    from softmaxlab import config
+
+    keys = set()
+    for node in ast.walk(ast.parse(inspect.getsource(config.validate))):
+        if isinstance(node, ast.Call) and getattr(node.func, "id", "") in ("_number", "_choice", "_bad"):
+            first = node.args[0]
+            text = (
+                first.value if isinstance(first, ast.Constant) else first.values[0].value
+            )  # f"model.hidden[{i}]"
+            keys.add(text.split("[")[0])
+    assert {"seed", "data.seed", "optimizer.lr", "objective", "tracking.experiment"} <= keys
+    tested = (
+        " ".join(override for override, _ in BAD_VALUES) + " " + " ".join(n for c in CASES for n in c.needles)
+    )
+    assert sorted(k for k in keys if k not in tested) == []
+
+
+def test_debug_shows_the_traceback_of_a_user_error(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    (tmp_path / "params.yaml").write_text((ROOT / "params.yaml").read_text().replace("lr: 0.001", "lr: -1.0"))
+    env = {k: v for k, v in os.environ.items() if k != "SOFTMAXLAB_DEBUG"}
+
+    def evaluate(**extra):
+        cmd = [sys.executable, "-m", "softmaxlab.evaluate"]
+        return subprocess.run(
+            cmd, cwd=tmp_path, env={**env, **extra}, capture_output=True, text=True, timeout=120
+        )
+
+    plain, debug = evaluate(), evaluate(SOFTMAXLAB_DEBUG="1")
+    assert plain.returncode == 2 and "Traceback" not in plain.stderr
+    assert (
+        plain.stderr.strip() == "softmaxlab: error: optimizer.lr=-1.0 is not allowed: must be in (0.0, inf)"
+    )
+    assert debug.returncode != 0 and "Traceback (most recent call last)" in debug.stderr
+    assert "softmaxlab.errors.UserError: optimizer.lr=-1.0" in debug.stderr

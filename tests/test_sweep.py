@@ -215,3 +215,34 @@ def test_tied_jobs_share_one_label_and_no_label_leaves_the_figure():
     for t in labels:
         box = t.get_window_extent(renderer)
         assert fig.bbox.x0 <= box.x0 and box.x1 <= fig.bbox.x1 and box.y1 <= fig.bbox.y1, t.get_text()
+
+
+@pytest.mark.parametrize(
+    ("preset", "n_jobs"), [("grid12", 12), ("arch_lr_seed", 24), ("optimizers", 9), ("optuna", 12)]
+)
+def test_every_job_of_every_sweep_preset_composes_and_validates(preset, n_jobs):
+    # Each preset in conf/sweep/ as its sweep would start: every job (Optuna: every choice and
+    # interval end) composed and validated, as check_jobs does before the first one trains.
+    from hydra import compose, initialize_config_dir
+    from omegaconf import open_dict
+
+    from softmaxlab.config import register_configs
+    from softmaxlab.sweep import check_jobs, sweep_jobs
+
+    register_configs()
+    with initialize_config_dir(str(ROOT / "conf"), version_base=None):
+        config = compose("config", [f"sweep={preset}"], return_hydra_config=True)
+        with open_dict(config):
+            config.hydra.overrides.task = [f"sweep={preset}"]
+        assert len(sweep_jobs(config)) == n_jobs
+        check_jobs(config)  # raises, naming the job, if any of them is invalid
+    assert config.objective == "val/nll"
+
+
+def test_optuna_preset_runs_tiny_and_picks_on_the_validation_objective(tmp_path):
+    project = make_project(tmp_path / "proj")
+    sweep(project, "sweep=optuna", "hydra.sweeper.n_trials=2")
+    parent = check_parent_and_children(project, 2)
+    summary = pd.read_csv(project / "sweep" / "summary.csv")
+    best = summary.sort_values(["val_nll", "job"]).iloc[0]
+    assert parent["tags.best.job"] == str(best["job"]) and parent["tags.best.objective"] == "val/nll"

@@ -92,7 +92,7 @@ def test_unreachable_server_loses_nothing_in_dvc_repro(silent_server, tmp_path):
     (run,) = client.search_runs([client.get_experiment_by_name("softmaxlab").experiment_id])
     assert run.info.status == "FINISHED"
     assert run.data.tags["tracking.fallback_from"] == silent_server
-    assert run.data.metrics["test/accuracy"] == pytest.approx(metrics["accuracy"], abs=1e-6)
+    assert run.data.metrics["test/accuracy"] == pytest.approx(metrics["accuracy"], rel=1e-3)
 
 
 def test_real_server_receives_runs_directly_and_fallback_runs_by_sync(tmp_path):

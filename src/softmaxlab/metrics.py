@@ -3,9 +3,10 @@
 evaluate computes under these names, report records them in MLflow and lays out its table,
 the sweep summary picks its columns, `objective` chooses among them, and reports/metrics.json
 (what DVC shows) is built from HEADLINE. MLflow groups a run's charts by the part before the
-first `/`, so the run page opens with the curves (train/, val/) and the test metrics (test/),
-while bootstrap bounds (test_ci/) and the after-scaling twins (test_ts/, test_ts_ci/) sit in
-sections of their own.
+first `/` and orders the sections by name, so the run page opens with the training curves
+(curves/) and the headline test metrics (test/), while bootstrap bounds (test_ci/), the
+after-scaling twins with their temperature (test_ts/, test_ts_ci/), the training time (train/)
+and the validation metrics (val/) follow in sections of their own.
 """
 
 from __future__ import annotations
@@ -34,18 +35,19 @@ def test_ci(name: str, end: str, scaled: bool = False) -> str:
     return f"test{'_ts' if scaled else ''}_ci/{name}_{end}"
 
 
-TEMPERATURE = "calibration/temperature"
-TEMPERATURE_AT_BOUND = "calibration/temperature_at_bound"  # 1.0 when the fit stopped at its bound
+# Fitted on the validation split; shown with the after-scaling metrics it produces.
+TEMPERATURE = "test_ts/temperature"
+TEMPERATURE_AT_BOUND = "test_ts/temperature_at_bound"  # 1.0 when the fit stopped at its bound
 # evaluate's metrics of the validation split (the objectives below).
 VAL_NLL, VAL_ECE, VAL_BRIER = "val/nll", "val/ece", "val/brier"
 # The training curves, one point per epoch: column of reports/history.csv -> MLflow name. The
 # loss is the training loss as configured (focal or label-smoothed when train.loss says so);
 # evaluate's NLL is test/nll and val/nll.
 CURVES = {
-    "loss": "train/loss",
-    "accuracy": "train/accuracy",
-    "val_loss": "val/loss",
-    "val_accuracy": "val/accuracy",
+    "loss": "curves/loss",
+    "accuracy": "curves/accuracy",
+    "val_loss": "curves/val_loss",
+    "val_accuracy": "curves/val_accuracy",
 }
 TRAIN_SECONDS = "train/seconds"
 
