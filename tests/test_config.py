@@ -98,6 +98,7 @@ BAD_VALUES = [
     ("evaluate.ci=1.0", "evaluate.ci=1.0"),
     ("objective=test/accuracy", "objective='test/accuracy'"),
     ("tracking.experiment=' '", "tracking.experiment=' '"),
+    ("tracking.registered_model='a b'", "tracking.registered_model='a b'"),
 ]
 
 
