@@ -82,6 +82,7 @@ BAD_VALUES = [
     ("train.backend=torch", "train.backend='torch'"),
     ("train.early_stopping.monitor=val_f1", "train.early_stopping.monitor='val_f1'"),
     ("train.early_stopping.patience=-1", "train.early_stopping.patience=-1"),
+    ("train.early_stopping.min_delta=-0.1", "train.early_stopping.min_delta=-0.1"),
     ("train.loss=mse", "train.loss='mse'"),
     ("model.kernel_initializer=zeros", "model.kernel_initializer='zeros'"),
     ("seed=-1", "seed=-1"),
