@@ -228,3 +228,17 @@ def test_a_sweep_that_mixes_backends_fails_once_before_any_job(tmp_path):
     lines = out.stderr.strip().splitlines()
     assert len(lines) == 1 and "train.backend=jax,tensorflow is not allowed in one sweep" in lines[0]
     assert not (tmp_path / "sweep").exists() and not (tmp_path / "mlflow.db").exists()
+
+
+@pytest.mark.slow
+def test_the_hydra_app_trains_on_jax_and_records_it(tmp_path):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    args = [sys.executable, "-m", "softmaxlab", "train.backend=jax", *tiny_overrides(),
+            f"tracking.uri={uri}", f"hydra.run.dir={tmp_path / 'run'}"]  # fmt: skip
+    run_cmd(args, ROOT)
+    info = json.loads((tmp_path / "run" / "reports" / "train.json").read_text())
+    assert info["backend"] == "jax"
+    from mlflow.tracking import MlflowClient
+
+    run = MlflowClient(uri).get_run(info["run_id"])
+    assert run.data.tags["backend"] == "jax" and run.info.status == "FINISHED"
