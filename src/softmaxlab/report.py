@@ -10,7 +10,9 @@ before any drawing) and then the figures and the page.
 from __future__ import annotations
 
 import base64
+import contextlib
 import html
+import os
 from pathlib import Path
 
 import numpy as np
@@ -231,7 +233,7 @@ def log_calibrated_model(
     )
     # Pinned from the running versions: inferring requirements costs seconds.
     reqs = [f"{p}=={version(p)}" for p in ("mlflow", "keras", "tensorflow", "numpy", "pandas")]
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp, _mlflow_quiet():
         local = Path(tmp) / CALIBRATED_MODEL
         mlflow.pyfunc.save_model(
             local,
@@ -247,10 +249,35 @@ def log_calibrated_model(
             pip_requirements=reqs,
         )
         retry_locked(tracker.client.log_artifacts, run_id, str(local), CALIBRATED_MODEL)
-    registered = retry_locked(
-        mlflow.register_model, f"runs:/{run_id}/{CALIBRATED_MODEL}", tracker.cfg.tracking.registered_model
+    with _mlflow_quiet():
+        registered = retry_locked(
+            mlflow.register_model, f"runs:/{run_id}/{CALIBRATED_MODEL}", tracker.cfg.tracking.registered_model
+        )
+    print(
+        f"report: calibrated model (T={temperature:.3f}) registered as "
+        f"{tracker.cfg.tracking.registered_model} version {registered.version}"
     )
     return registered.version
+
+
+@contextlib.contextmanager
+def _mlflow_quiet():
+    """MLflow narrates saving and registering a model ("Validating input example", a
+    download progress bar for a local file, "Successfully registered model", "Created
+    version"): the stage says it in one line of its own instead. Errors still raise."""
+    from mlflow.utils import logging_utils
+
+    saved = os.environ.get("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR")
+    os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = "false"
+    logging_utils.disable_logging()
+    try:
+        yield
+    finally:
+        logging_utils.enable_logging()
+        if saved is None:
+            os.environ.pop("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", None)
+        else:
+            os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = saved
 
 
 def record_evaluation(tracker, run_id: str, cfg: Config, root: Path, metrics: dict[str, float]) -> None:
