@@ -101,9 +101,12 @@ def hidden(module: str):
 def keras_module(name: str):
     """Keras on backend `name`, imported once per process, quietly."""
     use(name)
-    quiet = "TF_CPP_MIN_LOG_LEVEL" not in os.environ and not debug()
+    # Ours (set below and inherited by child processes, say a stage run from a test or a
+    # sweep) or unset: hush; set by the user: their choice.
+    ours = os.environ.get("_SOFTMAXLAB_TF_LOG_LEVEL") == os.environ.get("TF_CPP_MIN_LOG_LEVEL") == "3"
+    quiet = ("TF_CPP_MIN_LOG_LEVEL" not in os.environ or ours) and not debug()
     if quiet:
-        os.environ["TF_CPP_MIN_LOG_LEVEL"] = "3"
+        os.environ["TF_CPP_MIN_LOG_LEVEL"] = os.environ["_SOFTMAXLAB_TF_LOG_LEVEL"] = "3"
     try:
         with native_stderr_hushed(quiet), hidden("sklearn"):
             import keras

@@ -296,18 +296,64 @@ def record_report(tracker, run_id: str, cfg: Config, root: Path) -> None:
     tracker.log_artifacts(run_id, [root / cfg.paths.report])
 
 
-def run(cfg: Config, root: Path, tracker=None, run_id: str | None = None) -> Path:
+def run(cfg: Config, root: Path, tracker=None, run_id: str | None = None, stage: bool = False) -> Path:
     """Record evaluate's results in the run (first: they count even if drawing fails), draw
-    the figures and the HTML page under `root`, and log those too."""
+    the figures and the HTML page under `root`, and log those too.
+
+    stage=True is `dvc repro`'s report stage (main): the figures are drawn in a forked
+    process while this one imports MLflow, reopens the run train opened and records into it
+    (matplotlib and MLflow each take seconds to import; on two cores they overlap), and the
+    run is marked FINISHED at the end: report is the pipeline's last stage."""
+    from softmaxlab import tracking
+
     metrics, tables = evaluate.read(cfg, root)
-    if tracker:
-        record_evaluation(tracker, run_id, cfg, root, metrics)
     info_path = root / cfg.paths.train_info
-    info = train_info(cfg, root) if info_path.is_file() else {}
-    report_path = draw(cfg, root, metrics, tables, info)
+    info = train_info(cfg, root) if stage or info_path.is_file() else {}
+    with _drawing(in_background=stage) as submit:
+        drawn = submit(draw, cfg, root, metrics, tables, info)
+        if stage:
+            tracker, run_id = tracking.reopen(cfg, info)
+        if tracker:
+            record_evaluation(tracker, run_id, cfg, root, metrics)
+        report_path = drawn.result()
     if tracker:
         record_report(tracker, run_id, cfg, root)
+        if stage:
+            tracker.finish(run_id)
     return report_path
+
+
+class _Later:
+    """A call made when its result is asked for: in-process drawing keeps run()'s order
+    (record first, then draw) with the same code as the forked one."""
+
+    def __init__(self, fn, *args):
+        self.fn, self.args = fn, args
+
+    def result(self):
+        return self.fn(*self.args)
+
+
+@contextlib.contextmanager
+def _drawing(in_background: bool):
+    """submit(fn, *args) -> an object with .result(): a forked process, or a later call."""
+    if not in_background:
+        yield _Later
+        return
+    import multiprocessing
+    import signal
+    from concurrent.futures import ProcessPoolExecutor
+
+    # fork where there is one: nothing heavy is imported yet in the stage process (no
+    # TensorFlow, no MLflow), and the child needs nothing re-imported. Elsewhere spawn.
+    method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
+    # The drawing process ignores Ctrl-C: this one answers it, after the figure being saved
+    # (atomically) is done.
+    ignore_sigint = (signal.SIGINT, signal.SIG_IGN)
+    with ProcessPoolExecutor(
+        1, mp_context=multiprocessing.get_context(method), initializer=signal.signal, initargs=ignore_sigint
+    ) as pool:
+        yield pool.submit
 
 
 def train_info(cfg: Config, root: Path = Path(".")) -> dict:
@@ -316,46 +362,13 @@ def train_info(cfg: Config, root: Path = Path(".")) -> dict:
 
 @entry_point
 def main() -> None:
-    """run(), with the drawing in a second process: matplotlib and MLflow each take seconds
-    to import, and on two cores the figures are drawn while this process imports MLflow and
-    records the metrics. As the last stage under `dvc repro` it completes the run train
-    opened (FINISHED), or records its own failure in it."""
+    """The DVC stage: run() as the pipeline's last stage; a failure is recorded in the run."""
     from softmaxlab import tracking
 
     cfg = load_params()
     with tracking.failure_recorded(cfg, "report"):
-        path, tracker, run_id = _draw_and_record(cfg, Path("."))
-        if tracker:
-            tracker.finish(run_id)
+        path = run(cfg, Path("."), stage=True)
     print(f"report: {path}")
-
-
-def _draw_and_record(cfg: Config, root: Path):
-    import multiprocessing
-    import signal
-    from concurrent.futures import ProcessPoolExecutor
-
-    from softmaxlab import tracking
-
-    info = train_info(cfg)
-    metrics, tables = evaluate.read(cfg, root)
-    # fork where there is one: nothing heavy is imported yet (no TensorFlow, no MLflow), and
-    # the child needs nothing re-imported. Elsewhere spawn, which costs a fresh interpreter.
-    method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
-    # The drawing process ignores Ctrl-C: this one answers it, after the figure being saved
-    # (atomically) is done.
-    ignore_sigint = (signal.SIGINT, signal.SIG_IGN)
-    with ProcessPoolExecutor(
-        1, mp_context=multiprocessing.get_context(method), initializer=signal.signal, initargs=ignore_sigint
-    ) as pool:
-        drawn = pool.submit(draw, cfg, root, metrics, tables, info)
-        tracker, run_id = tracking.reopen(cfg, info)
-        if tracker:
-            record_evaluation(tracker, run_id, cfg, root, metrics)
-        path = drawn.result()
-    if tracker:
-        record_report(tracker, run_id, cfg, root)
-    return path, tracker, run_id
 
 
 if __name__ == "__main__":

@@ -157,6 +157,10 @@ class Tracker:
     def __init__(self, uri: str, experiment_id: str, cfg: Config, fallback_from: str | None = None):
         from mlflow.tracking import MlflowClient
 
+        if redact(uri) != uri:
+            # MLflow prints "View run … at: <tracking URI>/#/…" when a run ends, with the user
+            # info in it, whichever stage ends it. Our own messages give the redacted link.
+            os.environ["MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"] = "true"
         self.uri = uri
         self.experiment_id = experiment_id
         self.cfg = cfg
@@ -312,10 +316,6 @@ def connect(cfg: Config) -> Tracker | None:
             )
     import mlflow
 
-    if redact(uri) != uri:
-        # MLflow prints "View run … at: <tracking URI>/#/…" when a run ends: with the user
-        # info in it. Our own messages give the redacted link.
-        os.environ["MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"] = "true"
     mlflow.set_tracking_uri(uri)
     try:
         experiment_id = retry_locked(ensure_experiment, uri, cfg.tracking.experiment)
