@@ -51,7 +51,7 @@ gpu-check: setup-jax
 run: setup
 	dvc repro
 	@$(BIN)/python -m softmaxlab.tracking
-	@git diff --quiet -- dvc.lock 2>/dev/null || echo "note: dvc.lock changed: this run's model.keras, \
+	@git diff --quiet HEAD -- dvc.lock 2>/dev/null || echo "note: dvc.lock changed: this run's model.keras, \
 	reports/train.json and report.html always differ from the committed run's (save time, MLflow run id), \
 	and other CPUs can change predictions in the last bits; commit dvc.lock to record this run \
 	(README: Failures and reproducibility)"
