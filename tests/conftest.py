@@ -59,6 +59,14 @@ def env_with_venv(**extra: str) -> dict[str, str]:
     return env
 
 
+def ctrl_c_reaches_it() -> None:
+    """Popen's preexec_fn for a child the test interrupts: a shell that started the suite in
+    the background (`make test &`) leaves SIGINT ignored, and the child would inherit that."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def run_cmd(args: list[str], cwd: Path, env: dict | None = None, check: bool = True, timeout: int = 600):
     proc = subprocess.run(
         args, cwd=cwd, env=env or env_with_venv(), capture_output=True, text=True, timeout=timeout

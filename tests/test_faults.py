@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from conftest import env_with_venv, make_project, run_cmd, tiny_overrides
+from conftest import ctrl_c_reaches_it, env_with_venv, make_project, run_cmd, tiny_overrides
 
 pytestmark = pytest.mark.slow
 
@@ -490,7 +490,7 @@ def test_ctrl_c_during_training_marks_the_run_killed_and_keeps_outputs(good_proj
     shutil.copytree(good_project, project, symlinks=True)
     edit_params("train.epochs", "100000")(project)
     before = snapshot(project)
-    proc = subprocess.Popen(TRAIN, cwd=project, env=env_with_venv(), stdout=subprocess.PIPE,
+    proc = subprocess.Popen(TRAIN, cwd=project, env=env_with_venv(), stdout=subprocess.PIPE, preexec_fn=ctrl_c_reaches_it,
                             stderr=subprocess.PIPE, text=True)  # fmt: skip
     deadline = time.time() + 120
     while "RUNNING" not in run_statuses(project):

@@ -10,7 +10,7 @@ import sys
 import urllib.request
 
 import pytest
-from conftest import env_with_venv, make_project, tiny_overrides
+from conftest import ctrl_c_reaches_it, env_with_venv, make_project, tiny_overrides
 
 pytestmark = pytest.mark.slow
 
@@ -27,7 +27,8 @@ def test_ui_says_starting_then_prints_the_runs_link_once_it_answers(tmp_path):
     project = make_project(tmp_path / "proj", *tiny_overrides())
     port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "softmaxlab", "ui", str(port)], cwd=project,
-                            env=env_with_venv(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+                            env=env_with_venv(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=ctrl_c_reaches_it)  # fmt: skip
     try:
         first = proc.stdout.readline()
         assert first.startswith(f"MLflow UI: starting on http://127.0.0.1:{port}"), first

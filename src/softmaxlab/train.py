@@ -15,9 +15,12 @@ for the same maths as the tutorial's:
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
+import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -179,16 +182,46 @@ def fit(
     if progress:
         keras.config.enable_interactive_logging()
     try:
-        history = net.fit(
-            x_fit, y_fit, validation_data=(x_val, y_val), epochs=cfg.epochs, batch_size=cfg.batch_size,
-            shuffle=True, verbose=1 if progress else 0, callbacks=callbacks_for(cfg),
-        )  # fmt: skip
+        with _ctrl_c_between_steps() as stop:
+            history = net.fit(
+                x_fit, y_fit, validation_data=(x_val, y_val), epochs=cfg.epochs, batch_size=cfg.batch_size,
+                shuffle=True, verbose=1 if progress else 0, callbacks=[*callbacks_for(cfg), stop],
+            )  # fmt: skip
     finally:
         keras.config.disable_interactive_logging()
     h = history.history
     frame = pd.DataFrame({c: h[c] for c in HISTORY_COLUMNS[1:]}, dtype=float)
     frame.insert(0, "epoch", np.arange(1, len(frame) + 1))
     return frame
+
+
+@contextlib.contextmanager
+def _ctrl_c_between_steps():
+    """Ctrl-C during `fit` stops training at the next step. On TensorFlow a KeyboardInterrupt
+    raised by Python's own handler can land inside tf.data's iterator and be lost (seen:
+    training went on for minutes after SIGINT). So while fit runs, SIGINT only sets a flag,
+    and a callback raises KeyboardInterrupt from Keras' loop between executions."""
+    import keras
+
+    interrupted = threading.Event()
+
+    class RaiseOnInterrupt(keras.callbacks.Callback):
+        def _check(self, *args, **kwargs):
+            if interrupted.is_set():
+                raise KeyboardInterrupt
+
+        on_train_batch_end = on_test_batch_end = on_epoch_end = _check
+
+    ours = threading.current_thread() is threading.main_thread() and (
+        signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    )
+    if ours:
+        signal.signal(signal.SIGINT, lambda *_: interrupted.set())
+    try:
+        yield RaiseOnInterrupt()
+    finally:
+        if ours:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def reference_accuracy(cfg: Config, features: np.ndarray, labels: np.ndarray) -> float:
