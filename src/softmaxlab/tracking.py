@@ -280,16 +280,15 @@ class Tracker:
         ]
         self._log_metric_objects(run_id, curves)
         self.log_metrics(run_id, {TRAIN_SECONDS: result.train_seconds})
-        info = getattr(result, "info", {}) or {}
-        self.set_tags(
-            run_id,
-            {
-                "device": result.device,
-                "backend": result.backend,
-                "backend_version": info.get("backend_version") or metadata.version(result.backend),
-                **({"warning": info["warning"]} if info.get("warning") else {}),
-            },
-        )
+        # train.run fills result.info (backend version, shortfall warning) before logging.
+        tags = {
+            "device": result.device,
+            "backend": result.backend,
+            "backend_version": result.info["backend_version"],
+        }
+        if result.info.get("warning"):
+            tags["warning"] = result.info["warning"]
+        self.set_tags(run_id, tags)
 
 
 def connect(cfg: Config) -> Tracker | None:
