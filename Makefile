@@ -5,10 +5,12 @@ VENV := .venv
 BIN := $(CURDIR)/$(VENV)/bin
 STAMP := $(VENV)/.installed
 JAX_STAMP := $(VENV)/.installed-jax
+TEAM_STAMP := $(VENV)/.installed-team
+CLUSTER_STAMP := $(VENV)/.installed-cluster
 # Stage commands are `python -m softmaxlab...`: run them with the venv's python.
 export PATH := $(BIN):$(PATH)
 
-.PHONY: setup setup-gpu setup-jax gpu-wheels gpu-check run test test-fast bench bench-serve lint params ui serve lock clean
+.PHONY: setup setup-gpu setup-jax setup-team setup-cluster gpu-wheels gpu-check run test test-fast bench bench-serve lint params ui serve lock clean
 
 setup: $(STAMP)
 
@@ -32,6 +34,22 @@ $(JAX_STAMP): $(STAMP)
 	@echo "setup-jax: installing the jax extra (jax, jaxlib: about 100 MB, under a minute)"
 	@tools/pip_install.sh $(BIN)/python -c requirements.lock -e '.[jax,dev]'
 	@touch $(JAX_STAMP)
+
+## setup-team: the team extra (PostgreSQL driver, DVC's S3 remote, boto3, MLflow's basic-auth app)
+setup-team: $(TEAM_STAMP)
+
+$(TEAM_STAMP): $(STAMP)
+	@echo "setup-team: installing the team extra (psycopg2, dvc-s3, boto3, Flask-WTF: about 30 MB, under a minute)"
+	@tools/pip_install.sh $(BIN)/python -c requirements.lock -e '.[team,dev]'
+	@touch $(TEAM_STAMP)
+
+## setup-cluster: Hydra's Ray and submitit launchers (Ray is a 240 MB wheel: a minute or two)
+setup-cluster: $(CLUSTER_STAMP)
+
+$(CLUSTER_STAMP): $(STAMP)
+	@echo "setup-cluster: installing the cluster extra (ray, hydra-ray-launcher, hydra-submitit-launcher: about 300 MB)"
+	@tools/pip_install.sh $(BIN)/python -c requirements.lock -e '.[cluster,dev]'
+	@touch $(CLUSTER_STAMP)
 
 ## gpu-wheels: the few wheels (Keras, Hydra, ~11 MB) a borrowed GPU machine with Python 3.12
 ## and JAX but no network lacks, for bench/gpu_check.sh (bench/README.md)
@@ -58,11 +76,12 @@ run: setup
 
 ## test: the test suite (slow tests included; `make test-fast` skips them), one worker per
 ## core: most of it is subprocesses starting Python, which one core leaves idle half the time.
-## It installs the jax extra too: the JAX backend is tested beside TensorFlow.
-test: setup-jax
+## It installs the jax, team and cluster extras too: the JAX backend, the team servers and the
+## cluster launchers are tested beside the default path.
+test: setup-jax setup-team setup-cluster
 	$(BIN)/python -m pytest -n auto --durations=15
 
-test-fast: setup-jax
+test-fast: setup-jax setup-team setup-cluster
 	$(BIN)/python -m pytest -n auto -m "not slow"
 
 ## bench: speed against the tutorial's own script (bench/README.md)
