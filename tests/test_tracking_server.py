@@ -117,6 +117,13 @@ def test_real_server_receives_runs_directly_and_fallback_runs_by_sync(tmp_path):
         assert copied.data.params == fallback.data.params
         assert copied.data.metrics == fallback.data.metrics
         assert copied.info.status == "FINISHED"
+
+        # The data it used (input datasets: name, md5 digest, source, context) goes with it.
+        def inputs(run):
+            return sorted((d.dataset.name, d.dataset.digest, d.dataset.source, sorted((t.key, t.value) for t in d.tags))
+                          for d in run.inputs.dataset_inputs)  # fmt: skip
+
+        assert len(inputs(copied)) == 2 and inputs(copied) == inputs(fallback)
         hist = remote.get_metric_history(copied.info.run_id, names.CURVES["val_loss"])
         assert [m.step for m in hist] == [1, 2]
         artifacts = {a.path for a in remote.list_artifacts(copied.info.run_id)}

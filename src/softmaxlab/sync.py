@@ -2,7 +2,7 @@
 
 When the configured tracking server is unreachable, runs go to the local default store,
 tagged `tracking.fallback_from` (see tracking.connect). Once the server is back, this copies
-each such run — params, tags, every metric's full history, artifacts and the logged model's
+each such run — params, tags, every metric's full history, its input datasets, artifacts and the logged model's
 files, and its registered model versions — into the same experiment there, and tags the local run `tracking.synced_to` so a second
 sync copies nothing twice.
 """
@@ -64,6 +64,8 @@ def _copy_contents(src, dst, run, rid: str) -> None:
         dst.log_batch(rid, params=params[i : i + 100])
     for i in range(0, len(metrics), 1000):
         dst.log_batch(rid, metrics=metrics[i : i + 1000])
+    if run.inputs and run.inputs.dataset_inputs:  # the data it used (tracking.Tracker.log_data)
+        dst.log_inputs(rid, datasets=run.inputs.dataset_inputs)
     with tempfile.TemporaryDirectory() as tmp:
         if src.list_artifacts(run.info.run_id):
             local = src.download_artifacts(run.info.run_id, "", tmp)

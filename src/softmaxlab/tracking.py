@@ -14,6 +14,7 @@ import platform
 import subprocess
 import sys
 import time
+import warnings
 from collections.abc import Iterator
 from importlib import metadata
 from pathlib import Path
@@ -32,6 +33,8 @@ ERROR_TAG, FAILED_STAGE_TAG = "error", "pipeline.failed_stage"
 NOTE_TAG = "mlflow.note.content"  # the run's description on its MLflow page
 # How long a remote tracking server may take to answer before we fall back (see connect).
 REACHABLE_TIMEOUT_S = 5.0
+# MLflow's dataset contexts for the data splits (cfg.paths keys).
+DATA_CONTEXTS = {"train_data": "training", "test_data": "test"}
 VERSIONED_PACKAGES = ("softmaxlab", "tensorflow", "jax", "keras", "numpy", "scikit-learn", "mlflow", "dvc")
 
 
@@ -265,6 +268,34 @@ class Tracker:
             elif p.is_file():
                 self.client.log_artifact(run_id, str(p), artifact_path)
 
+    def log_data(self, run_id: str, cfg: Config, root: Path, frames: dict[str, Any]) -> None:
+        """The data splits as MLflow input datasets (the run page's "Datasets used", the runs
+        table's Dataset column): `frames` maps a cfg.paths key (train_data, test_data) to its
+        frame. Digest: the file's md5, which is DVC's hash of it; source: where DVC keeps that
+        version (data_location)."""
+        import mlflow.data
+        from mlflow.entities import DatasetInput, InputTag
+        from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
+
+        from softmaxlab.io import file_md5
+
+        inputs = []
+        with warnings.catch_warnings():
+            # MLflow warns that a local path matches its two local sources (same class) and that
+            # the integer label column cannot hold missing values: both true, neither something
+            # a user of this run can act on.
+            warnings.filterwarnings("ignore", category=UserWarning, module=r"mlflow\.")
+            for key, df in frames.items():
+                rel = getattr(cfg.paths, key)
+                md5 = file_md5(root / rel)
+                dataset = mlflow.data.from_pandas(
+                    df, source=data_location(root, rel, md5), targets="label",
+                    name=f"{cfg.data.name}-{key.removesuffix('_data')}", digest=md5,
+                )  # fmt: skip
+                tags = [InputTag(MLFLOW_DATASET_CONTEXT, DATA_CONTEXTS[key]), InputTag("dvc.path", rel)]
+                inputs.append(DatasetInput(dataset._to_mlflow_entity(), tags))
+        retry_locked(self.client.log_inputs, run_id, datasets=inputs)
+
     def log_training(self, run_id: str, result: Any, cfg: Config) -> None:
         """Per-epoch curves (step = epoch), training time and device. The model is logged by
         the report stage, calibrated (report.log_calibrated_model), once T is fitted."""
@@ -289,6 +320,26 @@ class Tracker:
         if result.info.get("warning"):
             tags["warning"] = result.info["warning"]
         self.set_tags(run_id, tags)
+
+
+def data_location(root: Path, rel: str, md5: str) -> str:
+    """Where a teammate finds this version of a data file: DVC's object for it in the default
+    remote (`<remote url>/files/md5/ab/cdef…`, the address `dvc pull` fetches) when `root` is a
+    DVC project with a default remote and dvc.lock records this very content; else the file.
+    Under `dvc repro` the generate stage's lock entry is written before train runs."""
+    path = (root / rel).resolve()
+    if not (root / ".dvc").is_dir():
+        return str(path)  # the in-process pipeline writes its data into a run directory
+    try:
+        import dvc.api
+        from dvc.config import Config as DvcConfig
+
+        if not DvcConfig(dvc_dir=str(root / ".dvc"))["core"].get("remote"):
+            return str(path)
+        url = dvc.api.get_url(rel, repo=str(root))
+    except Exception:  # not DVC-tracked (yet), or DVC cannot read its config: the file itself
+        return str(path)
+    return redact(url) if url.endswith(f"{md5[:2]}/{md5[2:]}") else str(path)
 
 
 def connect(cfg: Config) -> Tracker | None:

@@ -350,6 +350,7 @@ def run(
     train_df, test_df, data_md5 = data or load_data(cfg, root)
     if tracker:
         tracker.set_tags(run_id, {"data_md5": data_md5, "data.name": cfg.data.name})
+        tracker.log_data(run_id, cfg, root, {"train_data": train_df, "test_data": test_df})
     result = train(cfg, train_df, test_df, progress)
     save(cfg, result, root)
     last = result.history.iloc[-1]

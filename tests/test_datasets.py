@@ -1,0 +1,69 @@
+"""Each MLflow run records the data it used as MLflow input datasets: the file's md5 (DVC's
+hash of it) as digest, and where DVC keeps that version as source."""
+
+from __future__ import annotations
+
+import hashlib
+
+import pytest
+import yaml
+from conftest import env_with_venv, make_project, run_cmd, tiny_overrides
+
+
+def md5(path) -> str:
+    return hashlib.md5(path.read_bytes()).hexdigest()
+
+
+def datasets_of(client, run_id) -> dict[str, tuple]:
+    """context -> (name, digest, source_type, source, tags) of the run's input datasets."""
+    out = {}
+    for di in client.get_run(run_id).inputs.dataset_inputs:
+        tags = {t.key: t.value for t in di.tags}
+        d = di.dataset
+        out[tags["mlflow.data.context"]] = (d.name, d.digest, d.source_type, d.source, tags)
+    return out
+
+
+def test_in_process_run_records_train_and_test_data_with_their_md5(trained):
+    import json
+
+    client = trained["tracker"].client
+    root = trained["root"]
+    got = datasets_of(client, trained["run_id"])
+    assert set(got) == {"training", "test"}
+    for context, rel in (("training", "data/train.parquet"), ("test", "data/test.parquet")):
+        name, digest, source_type, source, tags = got[context]
+        assert digest == md5(root / rel)
+        # No DVC project around a run directory: the source is the file itself.
+        assert source_type == "local" and json.loads(source)["uri"] == str((root / rel).resolve())
+        assert tags["dvc.path"] == rel and name == f"blobs-{'train' if context == 'training' else 'test'}"
+    # Schema and row count, as MLflow shows them on the run page.
+    ds = client.get_run(trained["run_id"]).inputs.dataset_inputs[0].dataset
+    assert {c["name"] for c in json.loads(ds.schema)["mlflow_colspec"]} == {"x1", "x2", "label"}
+    assert json.loads(ds.profile)["num_rows"] > 0
+    # The existing tags stay.
+    assert client.get_run(trained["run_id"]).data.tags["data_md5"]
+
+
+@pytest.mark.slow
+def test_dvc_repro_records_the_dvc_lock_md5_and_the_remote_object(tmp_path):
+    import json
+
+    from mlflow.tracking import MlflowClient
+
+    project = make_project(tmp_path / "proj", *tiny_overrides())
+    # Recording the location needs no connection to the remote: DVC derives it from the md5.
+    run_cmd(["dvc", "remote", "add", "-d", "team", "s3://team-bucket/dvcstore"], project)
+    run_cmd(["dvc", "repro"], project, env=env_with_venv())
+    lock = yaml.safe_load((project / "dvc.lock").read_text())
+    lock_md5 = {o["path"]: o["md5"] for o in lock["stages"]["generate"]["outs"]}
+    client = MlflowClient(f"sqlite:///{project / 'mlflow.db'}")
+    (run,) = client.search_runs([client.get_experiment_by_name("softmaxlab").experiment_id])
+    got = datasets_of(client, run.info.run_id)
+    for context, rel in (("training", "data/train.parquet"), ("test", "data/test.parquet")):
+        name, digest, source_type, source, tags = got[context]
+        h = lock_md5[rel]
+        assert digest == h == md5(project / rel)
+        assert source_type == "s3"
+        assert json.loads(source)["uri"] == f"s3://team-bucket/dvcstore/files/md5/{h[:2]}/{h[2:]}"
+    assert run.data.tags["data_md5"] and run.info.status == "FINISHED"
