@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import sys
 
 import pytest
-from conftest import make_project, run_cmd, tiny_overrides
+from conftest import env_with_venv, make_project, run_cmd, tiny_overrides
 
 pytestmark = pytest.mark.slow
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -157,14 +158,20 @@ def test_dvc_plots_page_draws_its_charts_in_a_browser_with_no_network(repro_proj
     assert dom.count('class="marks"') == 3, dom[:2000]
 
 
-def test_dvc_exp_run_with_hydra_override_composes_conf_and_shows_beside_baseline(tmp_path):
-    project = make_project(tmp_path / "proj", *tiny_overrides())
+@pytest.fixture(scope="module")
+def exp_project(tmp_path_factory):
+    """A committed baseline and one `dvc exp run -n wide-exp -S model=wide` beside it."""
+    project = make_project(tmp_path_factory.mktemp("exp") / "proj", *tiny_overrides())
     run_cmd(["dvc", "repro"], project)
     run_cmd(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qam", "baseline"], project)
     # DVC composes conf/ (full-size defaults) with these overrides into params.yaml.
     sets = ["-S", "model=wide", *[a for o in tiny_overrides() for a in ("-S", o)]]
     run_cmd(["dvc", "exp", "run", "-n", "wide-exp", *sets], project)
-    show = json.loads(run_cmd(["dvc", "exp", "show", "--json"], project).stdout)
+    return project
+
+
+def test_dvc_exp_run_with_hydra_override_composes_conf_and_shows_beside_baseline(exp_project):
+    show = json.loads(run_cmd(["dvc", "exp", "show", "--json"], exp_project).stdout)
     text = json.dumps(show)
     assert "wide-exp" in text
     # What DVC shows as metrics is the headline, for the baseline and the experiment alike:
@@ -173,8 +180,43 @@ def test_dvc_exp_run_with_hydra_override_composes_conf_and_shows_beside_baseline
     assert len(shown) >= 2
     for metrics in shown:
         assert set(metrics) == {"accuracy", "nll", "ece", "ece_ts", "temperature", "val_nll"}
-    params = run_cmd(["dvc", "exp", "show", "--csv"], project).stdout
+    params = run_cmd(["dvc", "exp", "show", "--csv"], exp_project).stdout
     assert "wide" in params
+
+
+# What ran (reports/setup.json), then evaluate's headline (reports/metrics.json).
+HEADLINE_COLUMNS = ["Experiment", "Created", "model", "hidden", "optimizer", "lr", "epochs", "data"]
+HEADLINE_COLUMNS += ["accuracy", "nll", "ece", "ece_ts"]
+
+
+def table_rows(text: str) -> tuple[str, list[str]]:
+    """The header line and the body lines of DVC's table (between its 2nd and 3rd rules)."""
+    lines = text.splitlines()
+    rules = [i for i, line in enumerate(lines) if line.strip().startswith("─")]
+    assert len(rules) == 3, text
+    return lines[rules[0] + 1], lines[rules[1] + 1 : rules[2]]
+
+
+def test_dvc_exp_show_default_opens_with_what_ran_and_its_headline_one_line_per_experiment(exp_project):
+    # Not a terminal: DVC renders what it sends to its pager (less -S on a terminal), whose
+    # first screen is what a user sees at a glance.
+    header, rows = table_rows(run_cmd(["dvc", "exp", "show"], exp_project).stdout)
+    assert header.split()[: len(HEADLINE_COLUMNS)] == HEADLINE_COLUMNS
+    assert header.index(" ece_ts ") < 140, header[:200]
+    # One line each for the workspace, main and the experiment.
+    assert len(rows) == 3 and all(row[2] != " " for row in rows), rows
+    wide = next(row for row in rows if "wide-exp" in row)
+    assert re.search(r" wide +64-64 +adam +0\.001 +2 +blobs +0\.\d+ ", wide), wide
+
+
+@pytest.mark.parametrize("columns", [120, 150, 160])
+def test_dvc_exp_show_no_pager_fits_the_terminal_without_blank_continuation_lines(exp_project, columns):
+    # --no-pager fits the terminal: DVC collapses what does not fit into "…" cells.
+    proc = run_cmd(["dvc", "exp", "show", "--no-pager"], exp_project, env_with_venv(COLUMNS=str(columns)))
+    header, rows = table_rows(proc.stdout)
+    assert max(map(len, proc.stdout.splitlines())) <= columns
+    assert "model" in header.split()
+    assert len(rows) == 3 and all(row[2] != " " for row in rows), proc.stdout
 
 
 def output_hashes(project) -> dict[str, str]:

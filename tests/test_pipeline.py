@@ -31,6 +31,17 @@ def test_stages_write_every_output(trained):
         assert (root / p.figures / name).is_file(), name
 
 
+def test_train_writes_what_it_ran_in_dvc_exp_show_order(trained):
+    # reports/setup.json: the first columns of `dvc exp show`, in this order; model.hidden as
+    # one word, which DVC never wraps over lines.
+    setup = json.loads((trained["root"] / trained["cfg"].paths.setup).read_text())
+    assert list(setup.items()) == [
+        ("model", "seed"), ("hidden", "12-8"), ("optimizer", "adam"), ("lr", 0.001), ("epochs", 2), ("data", "blobs"),
+    ]  # fmt: skip
+    metrics = json.loads((trained["root"] / trained["cfg"].paths.metrics).read_text())
+    assert list(metrics)[:4] == ["accuracy", "nll", "ece", "ece_ts"]
+
+
 @pytest.mark.parametrize(
     ("stage", "absent"),
     [

@@ -115,6 +115,7 @@ class PathsConfig:
     model: str = "models/model.keras"
     predictions: str = "predictions"
     train_info: str = "reports/train.json"
+    setup: str = "reports/setup.json"
     history: str = "reports/history.csv"
     metrics: str = "reports/metrics.json"
     calibration: str = "reports/calibration"

@@ -101,7 +101,8 @@ def run(cfg: Config, root: Path) -> EvalResult:
     for name, table in result.tables.items():
         write_table(out / f"{name}.csv", table)
     write_json(out / METRICS_FILE, result.metrics)
-    write_json(root / cfg.paths.metrics, dvc_metrics(result.metrics))
+    # HEADLINE's order is the order of DVC's columns: accuracy, nll, ece, ece_ts, ...
+    write_json(root / cfg.paths.metrics, dvc_metrics(result.metrics), sort_keys=False)
     return result
 
 

@@ -46,8 +46,10 @@ def write_text(path: str | os.PathLike, text: str) -> None:
         tmp.write_text(text, encoding="utf-8")
 
 
-def write_json(path: str | os.PathLike, obj: object) -> None:
-    write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
+def write_json(path: str | os.PathLike, obj: object, sort_keys: bool = True) -> None:
+    """Sorted keys by default (stable bytes); sort_keys=False keeps the dict's order, for the
+    files whose key order is the column order of `dvc exp show`."""
+    write_text(path, json.dumps(obj, indent=2, sort_keys=sort_keys) + "\n")
 
 
 def read_json(path: str | os.PathLike) -> Any:

@@ -342,6 +342,22 @@ def shortfall(result: TrainResult) -> str | None:
     )
 
 
+def setup(cfg: Config) -> dict[str, Any]:
+    """reports/setup.json, a DVC metrics file: what a run trained, in the leftmost columns of
+    `dvc exp show` (DVC lists metrics before params). DVC always lists every key of
+    params.yaml too, after these, with the list-valued ones as wide cells; this file puts the
+    parameters people change (model, optimizer, lr, epochs, data) next to the experiment's
+    name at a glance, and model.hidden as one word (12-8) that DVC never wraps."""
+    return {
+        "model": cfg.model.name,
+        "hidden": "-".join(str(units) for units in cfg.model.hidden),
+        "optimizer": cfg.optimizer.name,
+        "lr": cfg.optimizer.lr,
+        "epochs": cfg.train.epochs,
+        "data": cfg.data.name,
+    }
+
+
 def run(
     cfg: Config, root: Path, tracker=None, run_id: str | None = None, data=None, progress: bool = False
 ) -> TrainResult:
@@ -373,6 +389,7 @@ def run(
     if tracker:
         tracker.log_training(run_id, result, cfg)
     write_json(root / cfg.paths.train_info, result.info)
+    write_json(root / cfg.paths.setup, setup(cfg), sort_keys=False)
     return result
 
 
