@@ -22,8 +22,6 @@ import argparse
 import http.client
 import json
 import os
-import signal
-import socket
 import subprocess
 import sys
 import time
@@ -34,6 +32,8 @@ import numpy as np
 BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH))
 import run as bench  # noqa: E402  (bench/run.py: the scratch project and the machine header)
+
+from softmaxlab.processes import free_port, stop_group  # noqa: E402
 
 N_SINGLE = 500
 N_BIG = 10_000
@@ -56,12 +56,6 @@ print("BENCH " + __import__("json").dumps({"uri": info.model_uri}))
 """
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class Server:
     def __init__(self, uri: str, env: dict, log: Path):
         self.port = free_port()
@@ -73,13 +67,7 @@ class Server:
         )
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
+        stop_group(self.proc)
         self.out.close()
 
 

@@ -8,9 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
-import signal
-import socket
 import subprocess
 import sys
 import time
@@ -25,6 +22,7 @@ from conftest import compose_config, env_with_venv, make_project, run_cmd, tiny_
 from softmaxlab import calibration, promote
 from softmaxlab import metrics as names
 from softmaxlab.io import prob_columns, read_predictions
+from softmaxlab.processes import free_port, stop_group
 
 ROWS = [[15.0, 0.0], [0.0, 15.0]]
 
@@ -87,6 +85,19 @@ def test_calibrated_model_predicts_softmax_of_logits_over_t(trained):
     assert metrics[names.TEMPERATURE] != pytest.approx(1.0) and not np.allclose(
         out[prob_columns(4)], raw, atol=1e-6
     )
+
+
+def test_calibrated_model_ignores_a_column_beyond_its_features_as_mlflow_does(trained):
+    # MLflow's schema enforcement drops undeclared columns before predict (and logs a
+    # warning); the answer is the one for x1 and x2 alone. Refusing them would mean serving
+    # without an input schema and redoing MLflow's checks by hand (README, Serve).
+    import mlflow
+
+    cfg, root = trained["cfg"], trained["root"]
+    loaded = mlflow.pyfunc.load_model(calibrated_model(trained))
+    test = pd.read_parquet(root / cfg.paths.test_data)[["x1", "x2"]].iloc[:5]
+    with_extra = test.assign(x3=1e6, id=range(5))
+    pd.testing.assert_frame_equal(loaded.predict(with_extra), loaded.predict(test))
 
 
 @pytest.mark.parametrize(
@@ -223,12 +234,6 @@ def test_registered_model_name_is_validated(name):
 
 
 # -- serving --------------------------------------------------------------------------------
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def post(port: int, payload: str | dict) -> tuple[int, dict]:
     body = payload if isinstance(payload, str) else json.dumps(payload)
     req = urllib.request.Request(
@@ -266,13 +271,7 @@ class Server:
         raise AssertionError(f"server did not start:\n{self.log.read_text()[-3000:]}")
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
+        stop_group(self.proc)
 
 
 @pytest.fixture(scope="module")
@@ -354,6 +353,15 @@ def test_served_champion_answers_softmax_of_logits_over_t_and_refuses_bad_input(
         assert status == 400 and message in body["message"], (case, body)
         status, body = post(server.port, {"dataframe_records": [{"x1": 15.0, "x2": 0.0}]})
         assert status == 200 and len(body["predictions"]) == 1, case  # still serving
+
+    # A column beyond x1 and x2 is dropped (MLflow's schema enforcement), named in the log.
+    rows = run["test"].iloc[:3]
+    extra = {
+        "dataframe_split": {"columns": ["x1", "x2", "x3"], "data": rows.assign(x3=7.0).to_numpy().tolist()}
+    }
+    status, body = post(server.port, extra)
+    assert status == 200 and pd.DataFrame(body["predictions"]).equals(served_probs(server.port, rows))
+    assert "['x3']" in server.log.read_text() and "will be ignored" in server.log.read_text()
 
 
 @pytest.mark.slow

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import re
 import signal
-import socket
 import subprocess
 import sys
 import urllib.request
@@ -12,13 +11,9 @@ import urllib.request
 import pytest
 from conftest import ctrl_c_reaches_it, env_with_venv, make_project, tiny_overrides
 
+from softmaxlab.processes import free_port, stop_group
+
 pytestmark = pytest.mark.slow
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_ui_says_starting_then_prints_the_runs_link_once_it_answers(tmp_path):
@@ -26,9 +21,10 @@ def test_ui_says_starting_then_prints_the_runs_link_once_it_answers(tmp_path):
 
     project = make_project(tmp_path / "proj", *tiny_overrides())
     port = free_port()
+    # Its own process group: the teardown stops it and the `mlflow ui` it started, whatever happens.
     proc = subprocess.Popen([sys.executable, "-m", "softmaxlab", "ui", str(port)], cwd=project,
                             env=env_with_venv(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            preexec_fn=ctrl_c_reaches_it)  # fmt: skip
+                            preexec_fn=ctrl_c_reaches_it, start_new_session=True)  # fmt: skip
     try:
         first = proc.stdout.readline()
         assert first.startswith(f"MLflow UI: starting on http://127.0.0.1:{port}"), first
@@ -45,8 +41,9 @@ def test_ui_says_starting_then_prints_the_runs_link_once_it_answers(tmp_path):
         )
         assert match.group(1) == exp.experiment_id
     finally:
-        proc.send_signal(signal.SIGINT)
-        out, err = proc.communicate(timeout=60)
+        # Ctrl-C, as a terminal sends it to the foreground group; killed after 60 s if it hangs.
+        stopped, out, err = stop_group(proc, signal.SIGINT, timeout=60)
+    assert stopped, f"softmaxlab ui did not stop on Ctrl-C within 60 s\n{out}\n{err}"
     assert "Look at the runs" not in out + err
     assert "Traceback" not in err, err
     log = (project / "outputs" / "mlflow-ui.log").read_text()
