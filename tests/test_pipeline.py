@@ -37,6 +37,7 @@ def test_train_writes_what_it_ran_in_dvc_exp_show_order(trained):
     setup = json.loads((trained["root"] / trained["cfg"].paths.setup).read_text())
     assert list(setup.items()) == [
         ("model", "seed"), ("hidden", "12-8"), ("optimizer", "adam"), ("lr", 0.001), ("epochs", 2), ("data", "blobs"),
+        ("backend", "tensorflow"),
     ]  # fmt: skip
     metrics = json.loads((trained["root"] / trained["cfg"].paths.metrics).read_text())
     assert list(metrics)[:4] == ["accuracy", "nll", "ece", "ece_ts"]

@@ -346,8 +346,8 @@ def setup(cfg: Config) -> dict[str, Any]:
     """reports/setup.json, a DVC metrics file: what a run trained, in the leftmost columns of
     `dvc exp show` (DVC lists metrics before params). DVC always lists every key of
     params.yaml too, after these, with the list-valued ones as wide cells; this file puts the
-    parameters people change (model, optimizer, lr, epochs, data) next to the experiment's
-    name at a glance, and model.hidden as one word (12-8) that DVC never wraps."""
+    parameters people change (model, optimizer, lr, epochs, data, backend) next to the
+    experiment's name at a glance, and model.hidden as one word (12-8) that DVC never wraps."""
     return {
         "model": cfg.model.name,
         "hidden": "-".join(str(units) for units in cfg.model.hidden),
@@ -355,6 +355,7 @@ def setup(cfg: Config) -> dict[str, Any]:
         "lr": cfg.optimizer.lr,
         "epochs": cfg.train.epochs,
         "data": cfg.data.name,
+        "backend": cfg.train.backend,
     }
 
 
