@@ -10,7 +10,7 @@ CLUSTER_STAMP := $(VENV)/.installed-cluster
 # Stage commands are `python -m softmaxlab...`: run them with the venv's python.
 export PATH := $(BIN):$(PATH)
 
-.PHONY: setup setup-gpu setup-jax setup-team setup-cluster gpu-wheels gpu-check run test test-fast bench bench-serve lint params ui serve lock clean
+.PHONY: setup setup-gpu setup-jax setup-team setup-cluster gpu-wheels gpu-check run test test-fast bench bench-serve lint params ui serve team-up team-down team-status lock clean
 
 setup: $(STAMP)
 
@@ -109,6 +109,19 @@ ui: setup
 PORT ?= 5001
 serve: setup
 	$(BIN)/python -m softmaxlab serve --port $(PORT)
+
+## team-up: PostgreSQL, Ceph radosgw (S3) and the MLflow server on 127.0.0.1, state in .team/
+## (README "Team setup"); `make team-up AUTH=1` puts MLflow's basic-auth app in front
+team-up: setup-team
+	@$(BIN)/python -m softmaxlab team up $(if $(AUTH),--auth)
+
+## team-down: stop them (by PID; the data stays in .team/)
+team-down: setup-team
+	@$(BIN)/python -m softmaxlab team down
+
+## team-status: each service, its URL, whether it answers, its memory
+team-status: setup-team
+	@$(BIN)/python -m softmaxlab team status
 
 ## lock: re-pin every dependency to what is installed now
 lock:

@@ -6,6 +6,7 @@ benchmarks in bench/ check speed, and `make run` checks the tutorial's accuracy.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import subprocess
@@ -119,3 +120,50 @@ def trained(tmp_path_factory, tracking_uri):
     tracker = tracking.connect(cfg)
     metrics = pipeline.run(cfg, root, tracker, run_name="session-fixture")
     return {"cfg": cfg, "root": root, "metrics": metrics, "tracker": tracker, "run_id": metrics["run_id"]}
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def team_services(auth: bool = False):
+    """The team's services (PostgreSQL, Ceph radosgw, MLflow server) started by the same code
+    as `softmaxlab team up`, on free ports, in a fresh folder; everything it started is
+    stopped (by PID) and its folder removed on the way out, even when a test fails."""
+    import tempfile
+
+    from softmaxlab import team
+    from softmaxlab.errors import UserError
+
+    missing = team.missing_programs()
+    if missing and os.environ.get("CI") != "true":
+        pytest.skip(f"team services need {', '.join(missing)} (Debian: {team.APT_PACKAGES})")
+    # Not under pytest's 0700 temp root: PostgreSQL runs as user postgres, which must get in.
+    state_dir = Path(tempfile.mkdtemp(prefix="softmaxlab-team-"))
+    ports = {name: free_port() for name in team.DEFAULT_PORTS}
+    try:
+        try:
+            state = team.up(state_dir, ports=ports, auth=auth, say=lambda line: None)
+        except UserError as err:
+            raise AssertionError(f"team up failed: {err}") from err
+        yield state
+    finally:
+        if (state_dir / "state.json").exists():
+            team.down(state_dir, say=lambda line: None)
+        shutil.rmtree(state_dir, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def team_stack():
+    """One team stack per test session (per xdist worker): a `softmaxlab.team.State` with
+    `.env` (the variables of .team/env: MLFLOW_TRACKING_URI, AWS_*, SOFTMAXLAB_DVC_REMOTE,
+    SOFTMAXLAB_OPTUNA_STORAGE), `.ports`, `.dir`, `.mlflow_url`, `.s3_url` and
+    `.postgres_url(db)` (a SQLAlchemy URL for `mlflow`, `mlflow_auth` or `optuna`).
+    `softmaxlab.team.configure_dvc(project, state.env)` points a project's DVC remote at it."""
+    with team_services() as state:
+        yield state

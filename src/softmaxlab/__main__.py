@@ -2,7 +2,7 @@
 
 One composed config runs the four stages in-process into Hydra's run directory and logs one
 MLflow run; `-m` sweeps, one child run per job under a parent run for the sweep.
-Other commands (summarize, sync, ui, adopt, promote, serve) and the config groups: `softmaxlab --help`.
+Other commands (summarize, sync, ui, adopt, promote, serve, team) and the config groups: `softmaxlab --help`.
 """
 
 from __future__ import annotations
@@ -195,6 +195,8 @@ Commands:
                                          its best version (validation metrics only)
   softmaxlab serve [--port N] [--version N]
                                          serve the champion (or a version) on 127.0.0.1
+  softmaxlab team up|down|status         the team's PostgreSQL, S3 (Ceph radosgw) and MLflow
+                                         server on 127.0.0.1 (`softmaxlab team --help`)
   softmaxlab --cfg job [KEY=VALUE ...]   print the composed config and stop
   softmaxlab --hydra-help                Hydra's own flags (launchers, sweepers, ...)
 The DVC pipeline runs the same stages: `dvc repro`, `dvc exp run -S KEY=VALUE`.
@@ -238,8 +240,8 @@ def cli() -> None:
     if args and args[0] in ("--help", "-h"):
         print(help_text(), end="")
         return
-    if args and args[0] in ("summarize", "sync", "ui", "adopt", "promote", "serve"):
-        from softmaxlab import adopt, promote, serve, sweep, sync, ui
+    if args and args[0] in ("summarize", "sync", "ui", "adopt", "promote", "serve", "team"):
+        from softmaxlab import adopt, promote, serve, sweep, sync, team, ui
 
         commands = {
             "summarize": sweep.summarize_cli,
@@ -248,6 +250,7 @@ def cli() -> None:
             "adopt": adopt.adopt_cli,
             "promote": promote.promote_cli,
             "serve": serve.serve_cli,
+            "team": team.team_cli,
         }
         try:
             commands[args[0]](args[1:])

@@ -5,6 +5,9 @@ once it answers.
 Starlette, four deprecation warnings from MLflow's imports). Here the server's output goes to
 outputs/mlflow-ui.log; the terminal gets "starting…", then the link once /health answers,
 or the log's last lines if the server gave up.
+
+With a tracking server (MLFLOW_TRACKING_URI or tracking.uri is http(s), e.g. the team's from
+`source .team/env`), that server is the UI: no local one starts, the link points there.
 """
 
 from __future__ import annotations
@@ -39,6 +42,33 @@ def _last_line(log: Path) -> str:
     return f"{lines[-1] if lines else 'no output'} (full log: {log})"
 
 
+def remote_link(uri: str, experiment: str) -> str:
+    """The runs table's link on the tracking server at `uri`, or a one-line UserError saying
+    why it cannot be opened (not answering; credentials refused, naming the variables)."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    from softmaxlab import tracking
+
+    why = tracking._reachable(uri)
+    if why:
+        raise UserError(
+            f"the tracking server {tracking.redact(uri)} (MLFLOW_TRACKING_URI or tracking.uri) does not "
+            f"answer ({why}): start it (`make team-up`), or unset MLFLOW_TRACKING_URI for the local store"
+        )
+    try:
+        exp = MlflowClient(uri).get_experiment_by_name(experiment)
+    except MlflowException as err:
+        if "401" in str(err) or "403" in str(err):
+            raise UserError(
+                f"the tracking server {tracking.redact(uri)} refused the credentials: set "
+                "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD (`source .team/env`, or your user's)"
+            ) from None
+        raise UserError(f"the tracking server {tracking.redact(uri)}: {str(err).splitlines()[0]}") from None
+    base = tracking.redact(uri).rstrip("/")
+    return tracking.runs_table_url(exp.experiment_id, base) if exp else f"{base}/#/experiments"
+
+
 def serve(port: int = DEFAULT_PORT, log: Path | None = None) -> int:
     """Start `mlflow ui` on the project's store, print the link once it answers, and wait
     for it (Ctrl-C stops it). Returns the server's exit code."""
@@ -47,6 +77,11 @@ def serve(port: int = DEFAULT_PORT, log: Path | None = None) -> int:
 
     root = project_root()
     cfg = load_params(root / "params.yaml")
+    remote = tracking.resolve_uri(cfg)
+    if remote.startswith(("http://", "https://")):
+        link = remote_link(remote, cfg.tracking.experiment)
+        print(f"MLflow UI: the tracking server is the UI (MLFLOW_TRACKING_URI): {link}", flush=True)
+        return 0
     store = f"sqlite:///{root / 'mlflow.db'}"
     log = log or root / "outputs" / "mlflow-ui.log"
     log.parent.mkdir(parents=True, exist_ok=True)

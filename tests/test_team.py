@@ -1,0 +1,267 @@
+"""The team services (issue 12 items 1 and 4): real PostgreSQL, Ceph radosgw and MLflow server
+processes on 127.0.0.1, started by the same code as `softmaxlab team up`."""
+
+from __future__ import annotations
+
+import base64
+import json
+import stat
+import subprocess
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+from conftest import env_with_venv, make_project, run_cmd, team_services
+
+from softmaxlab import team
+
+pytestmark = pytest.mark.slow
+
+
+def http_status(
+    url: str, user: str | None = None, password: str | None = None, data: dict | None = None
+) -> int:
+    req = urllib.request.Request(url, data=json.dumps(data).encode() if data is not None else None)
+    req.add_header("Content-Type", "application/json")
+    if user:
+        req.add_header("Authorization", "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode())
+    try:
+        with urllib.request.urlopen(req, timeout=30) as r:
+            return r.status
+    except urllib.error.HTTPError as err:
+        return err.code
+
+
+def process_listing() -> str:
+    return subprocess.run(["ps", "-eww", "-o", "pid,args"], capture_output=True, text=True, check=True).stdout
+
+
+def secret_values(state: team.State) -> list[str]:
+    values = [state.secrets["pg_password"], state.secrets["admin_password"]]
+    for keys in state.secrets["s3"].values():
+        values += [keys["access_key"], keys["secret_key"]]
+    return values
+
+
+def team_cli(state: team.State, *args: str, **env: str):
+    return run_cmd(
+        ["softmaxlab", "team", *args], Path.cwd(), env_with_venv(SOFTMAXLAB_TEAM_DIR=str(state.dir), **env),
+        check=False,
+    )  # fmt: skip
+
+
+def test_second_up_reports_what_runs_and_status_answers(team_stack):
+    said = []
+    again = team.up(team_stack.dir, ports=team_stack.ports, say=said.append)
+    assert [line.split()[2:4] for line in said[:5]] == [["already", "running:"]] * 5
+    assert again.env == team_stack.env
+    out = team_cli(team_stack, "status")
+    assert out.returncode == 0, out.stderr
+    rows = {line.split()[0]: line for line in out.stdout.splitlines()}
+    assert all(" answers " in rows[name] for name in team.SERVICES)
+    assert team_stack.mlflow_url in rows["mlflow"] and team_stack.s3_url in rows["radosgw"]
+    # .team/env: the variables a teammate sources, readable by its owner only.
+    env_file = team_stack.path("env")
+    assert stat.S_IMODE(env_file.stat().st_mode) == 0o600
+    exported = dict(line[len("export ") :].split("=", 1) for line in env_file.read_text().splitlines()
+                    if line.startswith("export "))  # fmt: skip
+    assert exported == team_stack.env
+    for name in ("MLFLOW_TRACKING_URI", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_ENDPOINT_URL"):
+        assert exported[name]
+
+
+def test_runs_go_to_postgresql_and_artifacts_to_s3_through_the_server(team_stack, tmp_path, monkeypatch):
+    import mlflow
+    import sqlalchemy
+
+    client = mlflow.MlflowClient(team_stack.mlflow_url)
+    exp_id = client.create_experiment("team-stack-test")
+    run = client.create_run(exp_id)
+    client.log_param(run.info.run_id, "lr", "0.01")
+    (tmp_path / "note.txt").write_text("through the server")
+    client.log_artifact(run.info.run_id, str(tmp_path / "note.txt"))
+    client.set_terminated(run.info.run_id)
+    # The run's row is in PostgreSQL ...
+    engine = sqlalchemy.create_engine(team_stack.postgres_url("mlflow"))
+    with engine.connect() as conn:
+        rows = conn.execute(
+            sqlalchemy.text("SELECT status FROM runs WHERE run_uuid = :id"), {"id": run.info.run_id}
+        )
+        assert [r[0] for r in rows] == ["FINISHED"]
+    engine.dispose()
+    # ... the artifact an object in the server's bucket, which the team's keys cannot touch.
+    keys = [
+        o["Key"]
+        for o in team.s3_client(team_stack, "mlflow").list_objects_v2(Bucket=team.MLFLOW_BUCKET)["Contents"]
+    ]
+    assert f"mlflow/{exp_id}/{run.info.run_id}/artifacts/note.txt" in keys
+    with pytest.raises(Exception, match="AccessDenied"):
+        team.s3_client(team_stack, "team").list_objects_v2(Bucket=team.MLFLOW_BUCKET)
+    # A client needs only the server's URL to read it back.
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", team_stack.mlflow_url)
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_ENDPOINT_URL", "MLFLOW_S3_ENDPOINT_URL"):
+        monkeypatch.delenv(name, raising=False)
+    assert mlflow.artifacts.load_text(f"{run.info.artifact_uri}/note.txt") == "through the server"
+
+
+def test_databases_for_mlflow_and_optuna_take_the_generated_password_only(team_stack):
+    import sqlalchemy
+
+    for db in ("mlflow", "optuna", "mlflow_auth"):
+        engine = sqlalchemy.create_engine(team_stack.postgres_url(db))
+        with engine.connect() as conn:
+            assert conn.execute(sqlalchemy.text("SELECT current_database()")).scalar() == db
+        engine.dispose()
+    wrong = team_stack.postgres_url("optuna").replace(team_stack.secrets["pg_password"], "wrong")
+    with pytest.raises(sqlalchemy.exc.OperationalError, match="password authentication failed"):
+        sqlalchemy.create_engine(wrong).connect()
+
+
+def test_no_secret_in_any_process_listing(team_stack):
+    listing = process_listing()
+    assert f"--port {team_stack.ports['mlflow']}" in listing  # the server is in it
+    for value in secret_values(team_stack):
+        assert value not in listing
+
+
+def test_team_commands_say_what_is_wrong_in_one_line(team_stack, tmp_path):
+    out = team_cli(team_stack, "add-user", "alice")
+    assert out.returncode == 2 and out.stderr.count("\n") == 1
+    assert "without basic-auth" in out.stderr and "--auth" in out.stderr
+    nothing = run_cmd(
+        ["softmaxlab", "team", "status"],
+        tmp_path,
+        env_with_venv(SOFTMAXLAB_TEAM_DIR=str(tmp_path / "none")),
+        check=False,
+    )
+    assert (
+        nothing.returncode == 2 and "no team services" in nothing.stderr and "Traceback" not in nothing.stderr
+    )
+    bad_port = team_cli(team_stack, "up", SOFTMAXLAB_TEAM_MLFLOW_PORT="80")
+    assert bad_port.returncode == 2 and "SOFTMAXLAB_TEAM_MLFLOW_PORT=80 is not allowed" in bad_port.stderr
+
+
+def test_ui_with_the_team_server_points_at_it_instead_of_starting_one(team_stack, tmp_path):
+    import mlflow
+
+    project = make_project(tmp_path / "proj")
+    exp_id = mlflow.MlflowClient(team_stack.mlflow_url).create_experiment("softmaxlab")
+    out = run_cmd(["softmaxlab", "ui"], project, env_with_venv(MLFLOW_TRACKING_URI=team_stack.mlflow_url))
+    link = f"{team_stack.mlflow_url}/#/experiments/{exp_id}/runs?workflowType=machine_learning"
+    assert out.stdout.strip() == f"MLflow UI: the tracking server is the UI (MLFLOW_TRACKING_URI): {link}"
+    assert not (project / "mlflow.db").exists() and not (project / "outputs").exists()  # nothing local
+    stopped = f"http://127.0.0.1:{team_stack.ports['postgres']}"  # no HTTP server there
+    down = run_cmd(["softmaxlab", "ui"], project, env_with_venv(MLFLOW_TRACKING_URI=stopped), check=False)
+    assert down.returncode == 2 and down.stderr.count("\n") == 1 and "make team-up" in down.stderr
+
+
+# --- basic-auth, a restart and down: a stack of their own ----------------------------------------
+
+
+@pytest.fixture(scope="module")
+def auth_stack():
+    with team_services(auth=True) as state:
+        yield state
+
+
+def test_basic_auth_users_and_per_experiment_permissions(auth_stack):
+    url = auth_stack.mlflow_url
+    search = f"{url}/api/2.0/mlflow/experiments/search?max_results=10"
+    assert http_status(f"{url}/health") == 200
+    assert http_status(search) == 401
+    admin = auth_stack.env["MLFLOW_TRACKING_PASSWORD"]
+    assert auth_stack.env["MLFLOW_TRACKING_USERNAME"] == "admin"
+    assert http_status(search, "admin", admin) == 200
+    assert http_status(search, "admin", "wrong") == 401
+    # Users through the command (their credentials go to .team/users/NAME.env, 0600).
+    said = ""
+    for name in ("alice", "bob"):
+        out = team_cli(auth_stack, "add-user", name)
+        assert out.returncode == 0, out.stderr
+        said += out.stdout + out.stderr
+    users = {}
+    for name in ("alice", "bob"):
+        path = auth_stack.path("users", f"{name}.env")
+        assert stat.S_IMODE(path.stat().st_mode) == 0o600
+        lines = dict(line[len("export ") :].split("=", 1) for line in path.read_text().splitlines())
+        assert lines["MLFLOW_TRACKING_USERNAME"] == name
+        users[name] = lines["MLFLOW_TRACKING_PASSWORD"]
+        assert users[name] not in said
+    create = f"{url}/api/2.0/mlflow/experiments/create"
+    assert http_status(create, "alice", users["alice"], {"name": "alice-exp"}) == 200
+    exp = json.loads(urllib.request.urlopen(urllib.request.Request(
+        f"{url}/api/2.0/mlflow/experiments/get-by-name?experiment_name=alice-exp",
+        headers={"Authorization": "Basic " + base64.b64encode(f"alice:{users['alice']}".encode()).decode()},
+    ), timeout=30).read())["experiment"]  # fmt: skip
+    new_run = f"{url}/api/2.0/mlflow/runs/create"
+    body = {"experiment_id": exp["experiment_id"]}
+    # Bob may read (default READ) but not write until alice's experiment is granted to him.
+    assert http_status(new_run, "bob", users["bob"], body) == 403
+    out = team_cli(auth_stack, "grant", "bob", "alice-exp", "EDIT")
+    assert out.returncode == 0, out.stderr
+    assert http_status(new_run, "bob", users["bob"], body) == 200
+    bad = team_cli(auth_stack, "grant", "bob", "alice-exp", "OWNER")
+    assert bad.returncode == 2 and "READ, EDIT, MANAGE, NO_PERMISSIONS" in bad.stderr
+    # The auth configuration (it holds the admin password and the database URL) is private.
+    assert stat.S_IMODE(auth_stack.path("mlflow", "basic_auth.ini").stat().st_mode) == 0o600
+
+
+def test_wrong_admin_password_is_one_line_naming_the_variable(auth_stack):
+    secrets_file = auth_stack.path("secrets.json")
+    saved = secrets_file.read_text()
+    data = json.loads(saved)
+    data["admin_password"] = "not-the-password"
+    secrets_file.write_text(json.dumps(data))
+    try:
+        out = team_cli(auth_stack, "add-user", "mallory")
+    finally:
+        secrets_file.write_text(saved)
+    assert out.returncode == 2 and out.stderr.count("\n") == 1 and "Traceback" not in out.stderr
+    assert "HTTP 401" in out.stderr and "MLFLOW_AUTH_ADMIN_PASSWORD" in out.stderr
+
+
+def test_missing_or_wrong_mlflow_credentials_are_one_line_naming_the_variables(auth_stack, tmp_path):
+    project = make_project(tmp_path / "proj")
+    for creds in ({}, {"MLFLOW_TRACKING_USERNAME": "admin", "MLFLOW_TRACKING_PASSWORD": "wrong"}):
+        out = run_cmd(["softmaxlab", "ui"], project,
+                      env_with_venv(MLFLOW_TRACKING_URI=auth_stack.mlflow_url, **creds), check=False)  # fmt: skip
+        assert out.returncode == 2 and out.stderr.count("\n") == 1 and "Traceback" not in out.stderr
+        assert "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD" in out.stderr
+        assert "wrong" not in out.stderr
+
+
+def test_auth_mode_puts_no_credential_in_process_listings_or_logs(auth_stack):
+    listing = process_listing()
+    assert "--app-name basic-auth" in listing
+    logs = "".join(p.read_text(errors="replace") for p in auth_stack.path("logs").glob("*.log"))
+    for value in secret_values(auth_stack):
+        assert value not in listing
+        assert value not in logs
+
+
+def test_down_stops_every_process_and_up_keeps_objects_and_runs(auth_stack):
+    admin = ("admin", auth_stack.env["MLFLOW_TRACKING_PASSWORD"])
+    create = f"{auth_stack.mlflow_url}/api/2.0/mlflow/experiments/create"
+    assert http_status(create, *admin, {"name": "before-restart"}) == 200
+    s3 = team.s3_client(auth_stack, "team")
+    s3.put_object(Bucket=team.DVC_BUCKET, Key="dvc/files/md5/ab/cdef", Body=b"x" * 100_000)
+    pids = {name: team.running_pid(auth_stack, name) for name in team.SERVICES}
+    assert all(pids.values()), pids
+    groups = {pid: team._stat(pid)[2] for pid in pids.values()}
+
+    stopped = team.down(auth_stack.dir, say=lambda line: None)
+    assert sorted(stopped) == sorted(team.SERVICES)
+    for pid in pids.values():
+        assert team._stat(pid) is None  # gone (or a zombie waiting for its parent)
+        assert not team._group_members(int(groups[pid]))
+    assert f"-D {auth_stack.path('pg', 'data')}" not in process_listing()
+    assert all(s.pid is None and not s.answers for s in team.status(auth_stack.dir))
+
+    said = []
+    team.up(auth_stack.dir, ports=auth_stack.ports, auth=True, say=said.append)
+    assert not any("created" in line for line in said)  # the existing cluster and database
+    got = team.s3_client(auth_stack, "team").get_object(Bucket=team.DVC_BUCKET, Key="dvc/files/md5/ab/cdef")
+    assert got["Body"].read() == b"x" * 100_000
+    search = f"{auth_stack.mlflow_url}/api/2.0/mlflow/experiments/get-by-name?experiment_name=before-restart"
+    assert http_status(search, *admin) == 200  # the run store and the auth store (admin) survived too
