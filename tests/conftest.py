@@ -122,14 +122,6 @@ def trained(tmp_path_factory, tracking_uri):
     return {"cfg": cfg, "root": root, "metrics": metrics, "tracker": tracker, "run_id": metrics["run_id"]}
 
 
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @contextlib.contextmanager
 def team_services(auth: bool = False):
     """The team's services (PostgreSQL, Ceph radosgw, MLflow server) started by the same code
@@ -139,6 +131,7 @@ def team_services(auth: bool = False):
 
     from softmaxlab import team
     from softmaxlab.errors import UserError
+    from softmaxlab.processes import free_port
 
     missing = team.missing_programs()
     if missing and os.environ.get("CI") != "true":
