@@ -98,7 +98,7 @@ def job(dcfg) -> float:
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
-    from softmaxlab import evaluate, pipeline, sweep, tracking, train
+    from softmaxlab import cluster, evaluate, pipeline, sweep, tracking, train
     from softmaxlab.config import to_config
 
     _state["entered"] = True
@@ -106,9 +106,10 @@ def job(dcfg) -> float:
         sys.stderr.release()
     hc = HydraConfig.get()
     multirun = hc.mode == RunMode.MULTIRUN
-    # A sweep preset (`sweep=optuna`) is the parent run's, not each job's: what a job changed
-    # is the rest.
-    overrides = " ".join(o for o in hc.overrides.task if not (multirun and o.startswith("sweep=")))
+    # A sweep preset (`sweep=optuna`) and the launcher (`launcher=ray`) are the parent run's,
+    # not each job's: what a job changed is the rest.
+    sweep_wide = ("sweep=", "launcher=")
+    overrides = " ".join(o for o in hc.overrides.task if not (multirun and o.startswith(sweep_wide)))
 
     def failed(err: UserError) -> float:
         if debug():
@@ -129,7 +130,7 @@ def job(dcfg) -> float:
         return failed(err)
     tags = {"overrides": overrides or "(defaults)"}
     if multirun:
-        tags.update({"sweep_id": sweep.sweep_id(), "job_num": str(hc.job.num)})
+        tags.update({"sweep_id": sweep.sweep_id(), "job_num": str(hc.job.num), **cluster.job_tags()})
     try:
         metrics = pipeline.run(
             cfg, Path(hc.runtime.output_dir), tracker, run_name=overrides or None,
@@ -228,7 +229,11 @@ def help_text() -> str:
     for group in sorted(p.name for p in conf.iterdir() if p.is_dir()):
         options = sorted(f.stem for f in (conf / group).glob("*.yaml"))
         shown = ", ".join(o + ("*" if o == defaults.get(group) else "") for o in options)
-        note = "   (multirun presets: sweep=grid12 runs 12 jobs)" if group == "sweep" else ""
+        notes = {
+            "sweep": "   (multirun presets: sweep=grid12 runs 12 jobs)",
+            "launcher": "   (where a sweep's jobs run: launcher=ray)",
+        }
+        note = notes.get(group, "")
         lines.append(f"  {group:<10} {shown}{note}")
     groups = {p.name for p in conf.iterdir() if p.is_dir()}
     top = ", ".join(k for k in Config.__dataclass_fields__ if k not in groups and k != "paths")

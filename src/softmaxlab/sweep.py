@@ -21,6 +21,7 @@ from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
+from softmaxlab import cluster
 from softmaxlab import metrics as names
 from softmaxlab.errors import UserError
 
@@ -93,6 +94,9 @@ class SweepCallback(Callback):
                 list(config.hydra.overrides.task), config.hydra.sweeper.get("params"), cfg.train.backend
             )
             check_jobs(config)
+            storage = config.hydra.sweeper.get("storage")
+            if storage:  # Optuna's shared study: its database made ready before the sweeper opens it
+                cluster.prepare_optuna_storage(str(storage))
             tracker = tracking.connect(cfg)
         except UserError as err:  # before any job and any run: the sweep is misconfigured
             fail(str(err))
@@ -101,8 +105,26 @@ class SweepCallback(Callback):
         total = planned_jobs(config)
         if total:
             os.environ[ENV_PROGRESS] = f"{total} {time.time()}"
-        if tracker is None:
-            return
+        if tracker is not None:
+            self._open_parent(config, cfg, tracker, sid)
+        # For launchers whose jobs do not inherit this process's environment (Ray).
+        job_env = {
+            k: os.environ[k] for k in (ENV_SWEEP, ENV_PROGRESS, ENV_PARENT, ENV_STORE) if k in os.environ
+        }
+        if tracker is not None:
+            job_env["MLFLOW_TRACKING_URI"] = tracker.uri  # the parent's store, wherever the job runs
+        try:
+            cluster.prepare_ray(config, job_env, cfg.train.device)
+        except UserError as err:  # no job ran: the parent ends FAILED, saying why
+            if _state["parent"] is not None:
+                tracker.set_tags(_state["parent"][1], {"error": str(err)})
+            close_parent()
+            fail(str(err))
+
+    @staticmethod
+    def _open_parent(config: DictConfig, cfg, tracker, sid: str) -> None:
+        from softmaxlab import tracking
+
         tags = {
             "sweep_id": sid,
             "sweep_dir": str(Path(config.hydra.sweep.dir).resolve()),
