@@ -185,3 +185,49 @@ def test_an_optuna_database_prepared_here_is_one_optuna_2_opens_and_shares(tmp_p
     second = optuna.create_study(study_name="s", storage=url, load_if_exists=True)
     second.optimize(lambda t: t.suggest_float("x", 0, 1), n_trials=1)
     assert len(optuna.load_study(study_name="s", storage=url).trials) == 3
+
+
+def test_two_optuna_sweeps_started_at_once_share_one_study_on_postgresql(team_stack, tmp_path):
+    import mlflow
+    import optuna
+
+    project = make_project(tmp_path / "proj")
+    # The team's variables, as a teammate's shell has them: MLFLOW_TRACKING_URI (the team
+    # server) and SOFTMAXLAB_OPTUNA_STORAGE (its PostgreSQL database `optuna`).
+    env = env_with_venv(**team_stack.env, SOFTMAXLAB_OPTUNA_STUDY="shared")
+    procs = [
+        subprocess.Popen(
+            [
+                "python",
+                "-m",
+                "softmaxlab",
+                "sweep=optuna",
+                "hydra.sweeper.n_trials=2",
+                f"hydra.sweeper.sampler.seed={k}",
+                *tiny_overrides(),
+                f"hydra.sweep.dir=worker{k}",
+            ],
+            cwd=project,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )  # fmt: skip
+        for k in (1, 2)
+    ]
+    outputs = [p.communicate(timeout=600) for p in procs]
+    for p, (_, err) in zip(procs, outputs, strict=True):
+        assert p.returncode == 0, err
+    study = optuna.load_study(study_name="shared", storage=team_stack.env["SOFTMAXLAB_OPTUNA_STORAGE"])
+    # n_trials counts per process: 2 + 2 trials, all in the one study.
+    assert [t.state for t in study.trials] == [optuna.trial.TrialState.COMPLETE] * 4
+    in_study = sorted(round(t.params["optimizer.lr"], 8) for t in study.trials)
+    ran = []
+    for k in (1, 2):
+        summary = pd.read_csv(project / f"worker{k}" / "summary.csv")
+        assert len(summary) == 2 and (summary["status"] == "FINISHED").all()
+        client = mlflow.tracking.MlflowClient(team_stack.mlflow_url)
+        for run_id in summary["run_id"]:
+            ran.append(round(float(client.get_run(run_id).data.params["optimizer.lr"]), 8))
+    # Every trial of the study is a job one of the two processes ran and logged on the server.
+    assert sorted(ran) == in_study
