@@ -231,3 +231,40 @@ def test_two_optuna_sweeps_started_at_once_share_one_study_on_postgresql(team_st
             ran.append(round(float(client.get_run(run_id).data.params["optimizer.lr"]), 8))
     # Every trial of the study is a job one of the two processes ran and logged on the server.
     assert sorted(ran) == in_study
+
+
+def test_the_slurm_launchers_path_runs_jobs_as_submitit_processes(tmp_path):
+    # launcher=submitit_local: the submitit launcher of launcher=slurm with local processes.
+    project = make_project(tmp_path / "proj")
+    proc = run_cmd(
+        ["python", "-m", "softmaxlab", "-m", "launcher=submitit_local", "optimizer=sgd", "model.activation=elu",
+         "optimizer.lr=0.001,1000", *tiny_overrides(), "hydra.sweep.dir=sweep"],
+        project, check=False,
+    )  # fmt: skip
+    assert proc.returncode == 1, proc.stderr
+    df = runs(project)
+    children = df[df["tags.job_num"].notna()].sort_values("tags.job_num")
+    assert list(children["status"]) == ["FINISHED", "FAILED"]
+    assert df[df["tags.sweep_overrides"].notna()].iloc[0]["status"] == "FAILED"
+    assert list(pd.read_csv(project / "sweep" / "summary.csv")["status"]) == ["FINISHED", "FAILED"]
+    # Each job ran in its own process: its output is in submitit's folder, the error too.
+    logs = "".join(p.read_text() for p in (project / "sweep" / ".submitit").glob("*/*_log.err"))
+    assert "softmaxlab: error: job 1" in logs and "diverged" in logs
+
+
+def test_the_slurm_preset_submits_what_a_cluster_user_sets():
+    from hydra import compose, initialize_config_dir
+
+    from softmaxlab.config import register_configs
+
+    register_configs()
+    with initialize_config_dir(str(ROOT / "conf"), version_base=None):
+        cfg = compose("config", ["launcher=slurm", "hydra.launcher.partition=gpu", "train.device=gpu"],
+                      return_hydra_config=True)  # fmt: skip
+    launcher = cfg.hydra.launcher
+    assert launcher._target_.endswith("SlurmLauncher")
+    assert (launcher.partition, launcher.timeout_min, launcher.cpus_per_task) == ("gpu", 30, 1)
+    from softmaxlab.cluster import prepare_launcher
+
+    prepare_launcher(cfg, {}, cfg.train.device)
+    assert launcher.gpus_per_node == 1  # a job that trains on a GPU reserves one

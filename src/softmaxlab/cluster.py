@@ -22,6 +22,26 @@ RAY_LAUNCHER = "hydra_plugins.hydra_ray_launcher.ray_launcher.RayLauncher"
 ENV_CWD = "SOFTMAXLAB_SWEEP_CWD"  # the launching process's directory, for Ray's workers
 
 
+SUBMITIT_LAUNCHERS = (
+    "hydra_plugins.hydra_submitit_launcher.submitit_launcher.SlurmLauncher",
+    "hydra_plugins.hydra_submitit_launcher.submitit_launcher.LocalLauncher",
+)
+
+
+def prepare_launcher(config: DictConfig, env: dict[str, str], device: str) -> None:
+    """The cluster launchers' settings that depend on the sweep: a job reserves a GPU when it
+    trains on one (unless the launcher's GPU key is set); Ray's jobs get their environment.
+    submitit's jobs (local processes, or SLURM jobs, which sbatch starts with the submitting
+    environment) inherit it as joblib's do."""
+    launcher = config.hydra.launcher
+    target = launcher.get("_target_")
+    if target in SUBMITIT_LAUNCHERS and launcher.get("gpus_per_node") is None and device == "gpu":
+        with open_dict(launcher):
+            launcher.gpus_per_node = 1
+    elif target == RAY_LAUNCHER:
+        prepare_ray(config, env, device)
+
+
 def prepare_ray(config: DictConfig, env: dict[str, str], device: str) -> None:
     """Give the Ray launcher's jobs what the basic and joblib launchers' jobs inherit.
 
@@ -34,8 +54,6 @@ def prepare_ray(config: DictConfig, env: dict[str, str], device: str) -> None:
     conf/, the default store) mean what they mean to the launching process, as for the
     other launchers. A job reserves a GPU when it trains on one."""
     launcher = config.hydra.launcher
-    if launcher.get("_target_") != RAY_LAUNCHER:
-        return
     # Ray folds alike lines from different jobs into one ("[repeated 2x across cluster]"),
     # hiding which job said what. Read when the launcher imports Ray, after this.
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")

@@ -114,7 +114,7 @@ class SweepCallback(Callback):
         if tracker is not None:
             job_env["MLFLOW_TRACKING_URI"] = tracker.uri  # the parent's store, wherever the job runs
         try:
-            cluster.prepare_ray(config, job_env, cfg.train.device)
+            cluster.prepare_launcher(config, job_env, cfg.train.device)
         except UserError as err:  # no job ran: the parent ends FAILED, saying why
             if _state["parent"] is not None:
                 tracker.set_tags(_state["parent"][1], {"error": str(err)})
