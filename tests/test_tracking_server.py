@@ -342,3 +342,68 @@ def test_credentials_reach_a_server_behind_a_login_and_are_never_shown(tmp_path)
     finally:
         server.terminate()
         server.wait(timeout=30)
+
+
+def test_server_stopping_mid_sweep_loses_no_job_and_sync_completes_the_sweep(tmp_path):
+    """The server dies while a job logs to it: that job and the ones after it run into the
+    local store; once the server is back, sync sends them, retires the unfinished run and ends
+    the parent: every job once, FINISHED, nothing RUNNING."""
+    import re
+
+    from mlflow.entities import ViewType
+    from mlflow.tracking import MlflowClient
+
+    port = free_port()
+    uri = f"http://127.0.0.1:{port}"
+    project = make_project(tmp_path / "proj")
+    # Fewer HTTP retries than our default 4: the same path, a shorter wait on the dead server.
+    env = env_with_venv(MLFLOW_TRACKING_URI=uri, MLFLOW_HTTP_REQUEST_MAX_RETRIES="1")
+    server = start_mlflow_server(port, tmp_path)
+    remote = MlflowClient(uri)
+    sweep = subprocess.Popen(
+        [sys.executable, "-m", "softmaxlab", "-m", "seed=0,1,2,3", *tiny_overrides(), "hydra.sweep.dir=sweep"],
+        cwd=project, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        deadline = time.time() + 300
+        while time.time() < deadline and sweep.poll() is None:
+            exp = remote.get_experiment_by_name("softmaxlab")
+            jobs = remote.search_runs([exp.experiment_id], "tags.job_num != ''") if exp else []
+            if {"FINISHED", "RUNNING"} <= {r.info.status for r in jobs}:
+                break  # job 0 is done and a later one is half-way through
+            time.sleep(0.1)
+        server.terminate()
+        server.wait(timeout=60)
+        out, err = sweep.communicate(timeout=600)
+    finally:
+        sweep.kill()
+    assert sweep.returncode == 0, err
+    assert "stopped answering during job" in err and "running it again into the local store" in err, err
+    assert "softmaxlab sync" in err
+    sid = re.search(r"softmaxlab: sweep (\S+), MLflow parent run (\w+)", err).group(1)
+    local = MlflowClient(f"sqlite:///{project / 'mlflow.db'}")
+    fell_back = local.search_runs([local.get_experiment_by_name("softmaxlab").experiment_id])
+    assert len(fell_back) == 3 and all(r.info.status == "FINISHED" for r in fell_back), err
+    assert all(r.data.tags["tracking.fallback_from"] == uri for r in fell_back)
+    assert any(r.data.tags.get("tracking.replaces_run") for r in fell_back)
+
+    server = start_mlflow_server(port, tmp_path)  # back, same database
+    try:
+        synced = run_cmd(["softmaxlab", "sync"], project, env=env)
+        assert f"{len(fell_back)} run(s) copied" in synced.stderr
+        exp = remote.get_experiment_by_name("softmaxlab")
+        every = remote.search_runs([exp.experiment_id], run_view_type=ViewType.ALL)
+        assert "RUNNING" not in [r.info.status for r in every]
+        jobs = remote.search_runs([exp.experiment_id], f"tags.sweep_id = '{sid}' and tags.job_num != ''")
+        assert sorted(int(r.data.tags["job_num"]) for r in jobs) == [0, 1, 2, 3]
+        assert all(r.info.status == "FINISHED" and "test/accuracy" in r.data.metrics for r in jobs)
+        (parent,) = remote.search_runs(
+            [exp.experiment_id], f"tags.sweep_id = '{sid}' and tags.sweep_overrides != ''"
+        )
+        assert parent.info.status == "FINISHED"
+        assert {r.data.tags["mlflow.parentRunId"] for r in jobs} == {parent.info.run_id}
+        summary = run_cmd(["softmaxlab", "summarize", sid, "summary"], project, env=env)
+        assert len((project / "summary" / "summary.csv").read_text().splitlines()) == 5, summary.stdout
+    finally:
+        server.terminate()
+        server.wait(timeout=30)

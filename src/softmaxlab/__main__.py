@@ -131,14 +131,40 @@ def job(dcfg) -> float:
     tags = {"overrides": overrides or "(defaults)"}
     if multirun:
         tags.update({"sweep_id": sweep.sweep_id(), "job_num": str(hc.job.num), **cluster.job_tags()})
-    try:
-        metrics = pipeline.run(
+
+    def run(tracker):
+        return pipeline.run(
             cfg, Path(hc.runtime.output_dir), tracker, run_name=overrides or None,
             parent_run_id=sweep.parent_run_id() if multirun else None, tags=tags,
             progress=not multirun and train.show_progress(),  # a sweep's jobs: one line each
         )  # fmt: skip
+
+    try:
+        try:
+            metrics = run(tracker)
+        except Exception as err:
+            why = tracking.server_lost(tracker) if tracking.is_tracking_error(err) else None
+            if not why:
+                raise
+            # The tracking server went away during this job: run it again into the local
+            # store, as a job that starts with the server down would (`softmaxlab sync` sends
+            # it later and retires the unfinished run on the server, named in the tag).
+            print(
+                f"softmaxlab: warning: MLflow server {tracking.redact(tracker.uri)} stopped answering "
+                f"during job {hc.job.num} ({why}); running it again into the local store",
+                file=sys.stderr, flush=True,
+            )  # fmt: skip
+            tags[tracking.REPLACES_TAG] = tracker.last_run_id or ""
+            metrics = run(tracking.connect(cfg))
     except UserError as err:  # its run, if it had one, is already marked FAILED
         return failed(err)
+    except Exception as err:
+        if not (multirun and tracking.is_tracking_error(err)):
+            raise
+        # The store failed this job (say, its database restarted for longer than MLflow's
+        # retries): the job fails alone, its run FAILED with the error where the store allows.
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        return failed(UserError(f"tracking store {tracking.redact(tracker.uri)}: {first}"))
     value = metrics.get(cfg.objective, float("nan"))
     print(f"softmaxlab: {evaluate.summary_line(metrics)}; outputs in {hc.runtime.output_dir}")
     if metrics.get("warning"):

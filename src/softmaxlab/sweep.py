@@ -160,10 +160,23 @@ class SweepCallback(Callback):
         )
 
     def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
+        from softmaxlab import tracking
+
         parent = _state["parent"]
         if parent is None:
             return
         tracker, run_id, sweep_dir = parent
+        if why := tracking.server_lost(tracker):
+            # Jobs after it went away are in the local store; the parent run is on the server.
+            print(
+                f"softmaxlab: warning: MLflow server {tracking.redact(tracker.uri)} is unreachable ({why}): "
+                f"the sweep's summary is not recorded there; once it is back, `softmaxlab sync` sends "
+                f"the jobs that fell back and completes the parent run, then `softmaxlab summarize "
+                f"{sweep_id()}` writes the summary",
+                file=sys.stderr, flush=True,
+            )  # fmt: skip
+            _state["parent"] = None
+            return
         table = write_summary(tracker, sweep_id(), sweep_dir, run_id, _job_config(config).objective)
         _state["failed"] = int((table["status"] != "FINISHED").sum())
         print(
@@ -259,6 +272,11 @@ def close_parent() -> None:
     if parent is None:
         return
     tracker, run_id, _ = parent
+    from softmaxlab.tracking import server_lost
+
+    if server_lost(tracker):  # nothing can be told; sync completes it later (complete_parents)
+        _state["parent"] = None
+        return
     children = search_children(tracker, sweep_id())
     ok = len(children) > 0 and (children["status"] == "FINISHED").all()
     tracker.client.set_terminated(run_id, "FINISHED" if ok and not _state["failed"] else "FAILED")
@@ -268,6 +286,9 @@ def close_parent() -> None:
 def search_children(tracker, sid: str) -> pd.DataFrame:
     import mlflow
 
+    from softmaxlab.tracking import use_uri
+
+    use_uri(tracker.uri)  # a job that fell back moved the process-wide URI
     df = mlflow.search_runs(
         experiment_ids=[tracker.experiment_id],
         filter_string=f"tags.sweep_id = '{sid}' and tags.job_num != ''",

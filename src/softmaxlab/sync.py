@@ -115,13 +115,12 @@ def _previous_copy(dst, experiment_id: str, local_run_id: str) -> str | None:
 def sync(target_uri: str, local_uri: str) -> list[tuple[str, str]]:
     """Copy every not-yet-synced fallback run for target_uri; returns (local, remote) ids.
     Safe to repeat: a run is copied once, a half-done copy is replaced."""
-    import mlflow
     from mlflow.tracking import MlflowClient
 
-    from softmaxlab.tracking import _reachable, ensure_experiment, redact
+    from softmaxlab.tracking import _reachable, ensure_experiment, redact, use_uri
 
     # Not the cached answer: the point of sync is that the server is back.
-    why = _reachable.__wrapped__(target_uri) if target_uri.startswith(("http://", "https://")) else None
+    why = _reachable(target_uri, fresh=True) if target_uri.startswith(("http://", "https://")) else None
     if why:
         raise UserError(f"MLflow server {redact(target_uri)} is still unreachable ({why}); try again later")
     src, dst = MlflowClient(local_uri), MlflowClient(target_uri)
@@ -135,7 +134,7 @@ def sync(target_uri: str, local_uri: str) -> list[tuple[str, str]]:
         pending = [r for r in runs if SYNCED_TAG not in r.data.tags]
         if not pending:
             continue
-        mlflow.set_tracking_uri(local_uri)  # model lookups below read the local store
+        use_uri(local_uri)  # model lookups below read the local store
         remote_exp = ensure_experiment(target_uri, exp.name)
         for run in pending:
             try:
@@ -150,7 +149,48 @@ def sync(target_uri: str, local_uri: str) -> list[tuple[str, str]]:
                 ) from err
             src.set_tag(run.info.run_id, SYNCED_TAG, rid)
             copied.append((run.info.run_id, rid))
+            _retire_replaced(dst, run, rid)
+        _complete_parents(dst, remote_exp, {r.data.tags.get("mlflow.parentRunId") for r in pending} - {None})
     return copied
+
+
+def _retire_replaced(dst, run, rid: str) -> None:
+    """A job that fell back mid-sweep replaced the run it had begun on the server (which went
+    away before it could be ended): end that run FAILED, say what replaced it, and delete it,
+    so the sweep counts each job once."""
+    from mlflow.exceptions import MlflowException
+
+    from softmaxlab.tracking import REPLACES_TAG
+
+    replaced = run.data.tags.get(REPLACES_TAG)
+    if not replaced:
+        return
+    try:
+        if dst.get_run(replaced).info.lifecycle_stage == "deleted":
+            return
+    except MlflowException:  # never reached the server
+        return
+    dst.set_tag(replaced, "tracking.replaced_by", rid)
+    dst.set_terminated(replaced, "FAILED")
+    dst.delete_run(replaced)
+
+
+def _complete_parents(dst, experiment_id: str, parent_ids: set[str]) -> None:
+    """A sweep's parent run left RUNNING on the server, because the server was down when the
+    sweep ended: now that its jobs are all there, end it as the sweep would have (FINISHED if
+    every job finished, else FAILED)."""
+    from mlflow.exceptions import MlflowException
+
+    for pid in parent_ids:
+        try:
+            if dst.get_run(pid).info.status != "RUNNING":
+                continue
+        except MlflowException:
+            continue
+        children = dst.search_runs([experiment_id], filter_string=f"tags.mlflow.parentRunId = '{pid}'")
+        statuses = {c.info.status for c in children}
+        if "RUNNING" not in statuses:
+            dst.set_terminated(pid, "FINISHED" if statuses == {"FINISHED"} else "FAILED")
 
 
 def sync_cli(args: list[str]) -> None:

@@ -8,7 +8,6 @@ run in separate processes, can all add to the one run the train stage opened.
 from __future__ import annotations
 
 import contextlib
-import functools
 import os
 import platform
 import subprocess
@@ -30,6 +29,8 @@ EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
 PENDING_TAG = "pipeline.pending"
 DVC_LATER_STAGES = ("evaluate", "report")
 ERROR_TAG, FAILED_STAGE_TAG = "error", "pipeline.failed_stage"
+# On a run that fell back mid-sweep: the unfinished run on the server it replaces (sync retires it).
+REPLACES_TAG = "tracking.replaces_run"
 NOTE_TAG = "mlflow.note.content"  # the run's description on its MLflow page
 # How long a remote tracking server may take to answer before we fall back (see connect).
 REACHABLE_TIMEOUT_S = 5.0
@@ -77,6 +78,22 @@ def resolve_uri(cfg: Config) -> str:
     return uri
 
 
+def use_uri(uri: str) -> None:
+    """mlflow.set_tracking_uri for this process's fluent calls, without the side effect it has
+    since MLflow 3: exporting MLFLOW_TRACKING_URI. resolve_uri reads that variable as what the
+    user configured; after a fallback to the local store, a sweep's later jobs (and joblib's
+    workers) would take the local store for the configured one, untagged, and sync would
+    never send their runs."""
+    import mlflow
+
+    before = os.environ.get("MLFLOW_TRACKING_URI")
+    mlflow.set_tracking_uri(uri)
+    if before is None:
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+    else:
+        os.environ["MLFLOW_TRACKING_URI"] = before
+
+
 def redact_text(text: str, uri: str) -> str:
     """`text` (an error message) with the URI's credentials taken out."""
     from urllib.parse import unquote, urlsplit
@@ -108,21 +125,53 @@ def _health_request(uri: str):
     return req
 
 
-@functools.cache
-def _reachable(uri: str) -> str | None:
-    """None if an http(s) tracking server answers /health in time, else why not. Asked once
-    per process: a sweep's jobs do not each wait on a silent server."""
+# Servers found unreachable in this process, with why: a sweep's jobs do not each wait on a
+# silent server, and once one goes away mid-sweep the remaining jobs go straight to the local
+# store. A server that answered is asked again by each connect() (a few ms).
+_down: dict[str, str] = {}
+
+
+def _reachable(uri: str, fresh: bool = False) -> str | None:
+    """None if an http(s) tracking server answers /health in time, else why not. A server
+    found down stays down for this process unless `fresh` (sync: the point is that it's back)."""
     import urllib.error
     import urllib.request
 
+    if uri in _down and not fresh:
+        return _down[uri]
     try:
         with urllib.request.urlopen(_health_request(uri), timeout=REACHABLE_TIMEOUT_S) as r:
-            return None if r.status == 200 else f"HTTP {r.status}"
+            why = None if r.status == 200 else f"HTTP {r.status}"
     except urllib.error.HTTPError as err:
-        return f"HTTP {err.code}"
+        why = f"HTTP {err.code}"
     except Exception as err:  # refused, DNS, timeout: all mean "not reachable now"
         reason = getattr(err, "reason", err)
-        return redact_text(str(reason), uri) or type(err).__name__
+        why = redact_text(str(reason), uri) or type(err).__name__
+    if why:
+        _down[uri] = why
+    else:
+        _down.pop(uri, None)
+    return why
+
+
+def is_remote(uri: str) -> bool:
+    return uri.startswith(("http://", "https://"))
+
+
+def server_lost(tracker: Tracker | None) -> str | None:
+    """After an error: why the tracker's server no longer answers (it is then treated as down
+    for the rest of this process), or None if it still answers or the store is local."""
+    if tracker is None or not is_remote(tracker.uri):
+        return None
+    return _reachable(tracker.uri, fresh=True)
+
+
+def is_tracking_error(err: BaseException) -> bool:
+    """An error from talking to the tracking store (MLflow's, or the HTTP connection's)."""
+    from mlflow.exceptions import MlflowException
+    from requests.exceptions import RequestException
+
+    return isinstance(err, MlflowException | RequestException)
 
 
 def git_state(root: Path) -> dict[str, str]:
@@ -169,6 +218,7 @@ class Tracker:
         self.cfg = cfg
         self.fallback_from = fallback_from
         self.client = MlflowClient(uri)
+        self.last_run_id: str | None = None  # the run run() opened last
 
     # -- runs ---------------------------------------------------------------------------
     @contextlib.contextmanager
@@ -193,9 +243,14 @@ class Tracker:
             all_tags["dvc_exp_baseline_rev"] = os.environ.get("DVC_EXP_BASELINE_REV", "")
         if self.fallback_from:
             all_tags["tracking.fallback_from"] = redact(self.fallback_from)
+            if parent_run_id:
+                # A sweep's parent may be on the server that went away, not in this store:
+                # start_run would look it up and fail. The tag alone nests the run, and sync
+                # copies it to the server, where the parent is.
+                all_tags["mlflow.parentRunId"], parent_run_id = parent_run_id, None
         # The fluent API (start_run, log_model) follows the process-wide URI, which other code
         # in the process may have moved since connect(): pin it to this tracker's store.
-        mlflow.set_tracking_uri(self.uri)
+        use_uri(self.uri)
         run = retry_locked(
             mlflow.start_run,
             experiment_id=self.experiment_id,
@@ -204,6 +259,7 @@ class Tracker:
             nested=parent_run_id is not None,
             tags=all_tags,
         )
+        self.last_run_id = run.info.run_id
         status = "FINISHED"
         try:
             self.log_params(run.info.run_id, cfg)
@@ -211,8 +267,11 @@ class Tracker:
         except KeyboardInterrupt:
             status = "KILLED"
             raise
-        except BaseException:
+        except BaseException as err:
             status = "FAILED"
+            with contextlib.suppress(Exception):  # the store may be what failed
+                message = redact_text(str(err).strip() or type(err).__name__, self.uri)
+                self.set_tags(run.info.run_id, {ERROR_TAG: message[:5000]})
             raise
         finally:
             if status == "FINISHED" and later_stages:
@@ -353,7 +412,12 @@ def connect(cfg: Config) -> Tracker | None:
         return None
     uri = resolve_uri(cfg)
     fallback_from = None
-    if uri.startswith(("http://", "https://")):
+    if is_remote(uri):
+        # MLflow retries a failed request 7 times with exponential backoff (about 4 minutes)
+        # before giving up. 4 retries (about 30 s) still ride out a server or database restart,
+        # and a job whose server died mid-run falls back in seconds, not minutes (see
+        # __main__.job). A value the user set wins.
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "4")
         why = _reachable(uri)
         if why:
             fallback_from = uri
@@ -364,9 +428,8 @@ def connect(cfg: Config) -> Tracker | None:
                 file=sys.stderr,
                 flush=True,
             )
-    import mlflow
 
-    mlflow.set_tracking_uri(uri)
+    use_uri(uri)
     try:
         experiment_id = retry_locked(ensure_experiment, uri, cfg.tracking.experiment)
     except UserError:
@@ -478,13 +541,12 @@ def reopen(cfg: Config, train_info: dict) -> tuple[Tracker | None, str | None]:
     stages add to that same run — even if it went to the fallback store."""
     if not cfg.tracking.enabled or not train_info.get("run_id"):
         return None, None
-    import mlflow
 
     uri = train_info["tracking_uri"]
     configured = resolve_uri(cfg)
     if redact(configured) == uri:  # train.json holds the redacted form; credentials come from the env
         uri = configured
-    mlflow.set_tracking_uri(uri)
+    use_uri(uri)
     return Tracker(uri, train_info["experiment_id"], cfg), train_info["run_id"]
 
 
