@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import re
 import signal
 import subprocess
 import sys
 import urllib.request
+from pathlib import Path
 
 import pytest
 from conftest import ctrl_c_reaches_it, env_with_venv, make_project, tiny_overrides
@@ -14,6 +16,16 @@ from conftest import ctrl_c_reaches_it, env_with_venv, make_project, tiny_overri
 from softmaxlab.processes import free_port, stop_group
 
 pytestmark = pytest.mark.slow
+
+
+def group_commands(pgid: int) -> list[str]:
+    """The command lines of the processes in process group `pgid`."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError):
+            if int(stat.read_text().rsplit(")", 1)[1].split()[2]) == pgid:
+                found.append((stat.parent / "cmdline").read_bytes().replace(b"\0", b" ").decode())
+    return found
 
 
 def test_ui_says_starting_then_prints_the_runs_link_once_it_answers(tmp_path):
@@ -40,6 +52,8 @@ def test_ui_says_starting_then_prints_the_runs_link_once_it_answers(tmp_path):
             "softmaxlab"
         )
         assert match.group(1) == exp.experiment_id
+        # MLflow's job runner and its Huey consumers (seven processes importing MLflow) are off.
+        assert not [c for c in group_commands(proc.pid) if "mlflow.server.jobs" in c or "huey" in c]
     finally:
         # Ctrl-C, as a terminal sends it to the foreground group; killed after 60 s if it hangs.
         stopped, out, err = stop_group(proc, signal.SIGINT, timeout=60)

@@ -89,6 +89,10 @@ def serve(port: int = DEFAULT_PORT, log: Path | None = None) -> int:
     cmd = [str(mlflow_bin), "ui", "--host", HOST, "--port", str(port), "--workers", "1",
            "--backend-store-uri", store]  # fmt: skip
     env = {**os.environ, "PYTHONWARNINGS": HIDE_WARNINGS}
+    # MLflow 3's server also starts a job runner and seven Huey consumer processes for its
+    # GenAI jobs (none here), each importing MLflow: seconds of CPU at every start, and
+    # processes that outlive a Ctrl-C by a minute on a loaded machine. Unless asked for, off.
+    env.setdefault("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")
     print(f"MLflow UI: starting on http://{HOST}:{port} … (server log: {log})", flush=True)
     import mlflow  # noqa: F401  (configures MLflow's loggers, which the next line overrides)
 
