@@ -28,6 +28,17 @@ def python(code: str, backend: str, cwd: Path = ROOT, **env: str) -> str:
     return out.stdout
 
 
+def test_jax_device_probe_says_nothing_under_an_info_logger():
+    # Hydra's app logs at INFO; JAX's probe for a TPU used to print an "Unable to initialize
+    # backend 'tpu'" line there on every run.
+    code = (
+        "import logging; logging.basicConfig(level=logging.INFO)\n"
+        "from softmaxlab import backend; print(backend.select_device('jax', 'auto')[1])"
+    )
+    proc = run_cmd([sys.executable, "-c", code], ROOT, env_with_venv(KERAS_BACKEND="jax"))
+    assert proc.stdout.strip() == "CPU" and "xla_bridge" not in proc.stderr, proc.stderr
+
+
 TRAIN_AND_SAVE = """
 import json, sys
 import numpy as np

@@ -127,6 +127,10 @@ def keras_module(name: str):
     # sends it to absl's logger, which Hydra's INFO level would still print.
     keras.config.disable_interactive_logging()
     logging.getLogger("absl").setLevel(logging.WARNING)
+    if not debug():
+        # JAX's first device probe logs "Unable to initialize backend 'tpu': ... libtpu.so"
+        # at INFO, which Hydra's INFO level prints: on a machine with no TPU, nothing to do.
+        logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)
     return keras
 
 
