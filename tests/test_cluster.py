@@ -268,3 +268,29 @@ def test_the_slurm_preset_submits_what_a_cluster_user_sets():
 
     prepare_launcher(cfg, {}, cfg.train.device)
     assert launcher.gpus_per_node == 1  # a job that trains on a GPU reserves one
+
+
+def test_a_sweep_on_a_one_node_slurm_cluster_runs_each_job_as_a_slurm_job(tmp_path):
+    # tools/slurm_local.sh: slurmctld and slurmd on 127.0.0.1 in a PID namespace that ends
+    # with the command (Debian's slurm-wlm; .ci/run installs it).
+    if os.geteuid() != 0 or not shutil.which("slurmctld"):
+        if os.environ.get("CI") == "true":
+            pytest.fail("the SLURM test needs root and slurm-wlm (apt-get install slurm-wlm)")
+        pytest.skip("needs root and Debian's slurm-wlm")
+    project = make_project(tmp_path / "proj")
+    proc = run_cmd(
+        [str(ROOT / "tools" / "slurm_local.sh"), "--", "python", "-m", "softmaxlab", "-m", "launcher=slurm",
+         "optimizer=sgd", "model.activation=elu", "optimizer.lr=0.001,1000", *tiny_overrides(),
+         "hydra.sweep.dir=sweep"],
+        project, check=False,
+    )  # fmt: skip
+    assert proc.returncode == 1, proc.stderr
+    df = runs(project)
+    assert "RUNNING" not in set(df["status"])
+    children = df[df["tags.job_num"].notna()].sort_values("tags.job_num")
+    assert list(children["status"]) == ["FINISHED", "FAILED"]
+    # Both ran as SLURM jobs on the cluster's node, each its own job.
+    assert list(children["tags.slurm.node"]) == ["local", "local"]
+    assert children["tags.slurm.job_id"].nunique() == 2
+    assert df[df["tags.sweep_overrides"].notna()].iloc[0]["status"] == "FAILED"
+    assert list(pd.read_csv(project / "sweep" / "summary.csv")["status"]) == ["FINISHED", "FAILED"]
