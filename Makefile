@@ -10,7 +10,7 @@ CLUSTER_STAMP := $(VENV)/.installed-cluster
 # Stage commands are `python -m softmaxlab...`: run them with the venv's python.
 export PATH := $(BIN):$(PATH)
 
-.PHONY: setup setup-gpu setup-jax setup-team setup-cluster gpu-wheels gpu-check run test test-fast bench bench-serve lint params ui serve team-up team-down team-status lock clean
+.PHONY: setup setup-gpu setup-jax setup-team setup-cluster gpu-wheels gpu-check run test test-fast bench bench-serve lint params ui serve team-up team-down team-status team-join lock clean
 
 setup: $(STAMP)
 
@@ -111,9 +111,9 @@ serve: setup
 	$(BIN)/python -m softmaxlab serve --port $(PORT)
 
 ## team-up: PostgreSQL, Ceph radosgw (S3) and the MLflow server on 127.0.0.1, state in .team/
-## (README "Team setup"); `make team-up AUTH=1` puts MLflow's basic-auth app in front
+## (README "Team setup"); `make team-up AUTH=1` puts MLflow's basic-auth app in front (kept until AUTH=0)
 team-up: setup-team
-	@$(BIN)/python -m softmaxlab team up $(if $(AUTH),--auth)
+	@$(BIN)/python -m softmaxlab team up $(if $(filter 1,$(AUTH)),--auth,$(if $(filter 0,$(AUTH)),--no-auth))
 
 ## team-down: stop them (by PID; the data stays in .team/)
 team-down: setup-team
@@ -122,6 +122,10 @@ team-down: setup-team
 ## team-status: each service, its URL, whether it answers, its memory
 team-status: setup-team
 	@$(BIN)/python -m softmaxlab team status
+
+## team-join: a teammate's clone: its DVC remote from the sourced .team/env (README "Team setup")
+team-join: setup-team
+	@$(BIN)/python -m softmaxlab team join
 
 ## lock: re-pin every dependency to what is installed now
 lock:

@@ -156,6 +156,30 @@ def test_ui_with_the_team_server_points_at_it_instead_of_starting_one(team_stack
     assert down.returncode == 2 and down.stderr.count("\n") == 1 and "make team-up" in down.stderr
 
 
+def test_join_sets_a_clones_dvc_remote_from_the_sourced_env_and_dvc_push_reaches_the_bucket(
+    team_stack, tmp_path
+):
+    project = make_project(tmp_path / "proj")
+    (project / "blob.bin").write_bytes(bytes(range(256)) * 1000)
+    run_cmd(["dvc", "add", "-q", "blob.bin"], project)
+    missing = run_cmd(["softmaxlab", "team", "join"], project, check=False)
+    assert missing.returncode == 2 and "SOFTMAXLAB_DVC_REMOTE and AWS_ENDPOINT_URL" in missing.stderr
+    env = env_with_venv(**team_stack.env)
+    out = run_cmd(["softmaxlab", "team", "join"], project, env)
+    assert f"s3://{team.DVC_BUCKET}/dvc at {team_stack.s3_url}" in out.stdout
+    # Only this clone's git-ignored config names the local endpoint; the committed one is as it was.
+    local = (project / ".dvc" / "config.local").read_text()
+    assert team_stack.s3_url in local and "secret" not in local.lower()
+    assert run_cmd(["git", "diff", "--quiet", "--", ".dvc/config"], project, check=False).returncode == 0
+    run_cmd(["dvc", "push"], project, env)
+    md5 = next(
+        line.split()[-1] for line in (project / "blob.bin.dvc").read_text().splitlines() if "md5:" in line
+    )
+    key = f"dvc/files/md5/{md5[:2]}/{md5[2:]}"
+    got = team.s3_client(team_stack, "team").get_object(Bucket=team.DVC_BUCKET, Key=key)["Body"].read()
+    assert got == (project / "blob.bin").read_bytes()
+
+
 # --- basic-auth, a restart and down: a stack of their own ----------------------------------------
 
 
@@ -259,8 +283,10 @@ def test_down_stops_every_process_and_up_keeps_objects_and_runs(auth_stack):
     assert all(s.pid is None and not s.answers for s in team.status(auth_stack.dir))
 
     said = []
-    team.up(auth_stack.dir, ports=auth_stack.ports, auth=True, say=said.append)
+    team.up(auth_stack.dir, ports=auth_stack.ports, say=said.append)  # no auth= given: the mode sticks
     assert not any("created" in line for line in said)  # the existing cluster and database
+    assert "started with basic-auth" in said[4]
+    assert http_status(f"{auth_stack.mlflow_url}/api/2.0/mlflow/experiments/search?max_results=1") == 401
     got = team.s3_client(auth_stack, "team").get_object(Bucket=team.DVC_BUCKET, Key="dvc/files/md5/ab/cdef")
     assert got["Body"].read() == b"x" * 100_000
     search = f"{auth_stack.mlflow_url}/api/2.0/mlflow/experiments/get-by-name?experiment_name=before-restart"

@@ -615,12 +615,6 @@ def _s3_users_and_buckets(state: State, conf: Path) -> None:
             client.create_bucket(Bucket=bucket)
 
 
-def _stop_ceph(state: State, name: str) -> None:
-    pid = running_pid(state, name)
-    if pid:
-        _stop_group(pid)
-
-
 # --- MLflow server -------------------------------------------------------------------------------
 
 
@@ -705,10 +699,10 @@ def _start_mlflow(state: State) -> str:
     pid = running_pid(state, "mlflow")
     if pid and _mlflow_mode(state) == mode:
         return "already running"
-    restarted = ""
+    what = "started with basic-auth" if state.auth else "started"
     if pid:
         _stop_group(pid)
-        restarted = f" (restarted: was {_mlflow_mode(state)}, now {mode})"
+        what = "restarted with basic-auth" if state.auth else "restarted without basic-auth (--no-auth)"
     _check_port_free(state, "mlflow")
     env = _server_env(state)
     _migrate(state, env)
@@ -720,7 +714,7 @@ def _start_mlflow(state: State) -> str:
     proc = _spawn(state, "mlflow", cmd, env)
     state.path("pids", "mlflow.mode").write_text(mode + "\n")
     _wait("mlflow server", lambda: _mlflow_health(state), proc, state.path("logs", "mlflow.log"), 180)
-    return f"started{restarted}"
+    return what
 
 
 def _mlflow_health(state: State) -> bool:
@@ -788,12 +782,14 @@ def _resolve_ports(saved: dict | None, requested: dict | None) -> dict[str, int]
 def up(
     state_dir: Path | None = None,
     ports: dict[str, int] | None = None,
-    auth: bool = False,
+    auth: bool | None = None,
     project: Path | None = None,
     say=None,
 ) -> State:
     """Start every service that does not run yet (creating what does not exist), write
-    .team/env, and (given `project`) set that clone's DVC remote. Returns the state."""
+    .team/env, and (given `project`) set that clone's DVC remote. Returns the state.
+    `auth`: True puts basic-auth in front of MLflow, False takes it away; None keeps the mode
+    the stack had (off for a new one), so a plain `team up` never opens an auth-mode server."""
     started = time.monotonic()
     say = say or (lambda line: print(line, flush=True))
     d = Path(state_dir or default_dir()).resolve()
@@ -802,12 +798,20 @@ def up(
     os.chmod(d, 0o711)  # PostgreSQL's user must pass through to pg/; nothing else is readable
     saved = json.loads((d / "state.json").read_text()) if (d / "state.json").is_file() else {}
     old = load(d) if saved else None
-    state = State(d, _resolve_ports(saved.get("ports"), ports), auth, saved.get("ceph", {}),
-                  old.secrets if old else {})  # fmt: skip
+    auth = saved.get("auth", False) if auth is None else auth
+    state = State(
+        d, _resolve_ports(saved.get("ports"), ports), auth, saved.get("ceph", {}), old.secrets if old else {}
+    )
+
     state.secrets.setdefault("pg_password", secrets.token_urlsafe(24))
+    # MLflow creates the admin with this password on its first start with basic-auth and
+    # ignores the setting afterwards: the environment's value counts only until then.
     admin_password = os.environ.get("MLFLOW_AUTH_ADMIN_PASSWORD")
-    if admin_password:
+    if admin_password and not state.secrets.get("admin_created"):
         state.secrets["admin_password"] = admin_password
+    elif admin_password and admin_password != state.secrets["admin_password"]:
+        say("team: note: MLFLOW_AUTH_ADMIN_PASSWORD is not the admin's password, which MLflow set at its "
+            "first start and keeps (.team/secrets.json); change it with MLflow's update-password API")  # fmt: skip
     state.secrets.setdefault("admin_password", secrets.token_urlsafe(18))
     state.secrets.setdefault("flask_secret_key", secrets.token_urlsafe(32))
     state.save()
@@ -829,7 +833,10 @@ def up(
     _start_ceph(state, lambda name, what: report(name, what, urls[name]))
     if "s3" not in state.secrets or "team" not in state.secrets["s3"]:
         _s3_users_and_buckets(state, state.path("ceph", "ceph.conf"))
-    report("mlflow", _start_mlflow(state) + (" with basic-auth" if auth else ""), state.mlflow_url)
+    report("mlflow", _start_mlflow(state), state.mlflow_url)
+    if auth and not state.secrets.get("admin_created"):
+        state.secrets["admin_created"] = True
+        state.save()
     env_file = _write_env(state)
     if project is not None and (project / ".dvc").is_dir():
         say(f"team: {configure_dvc(project, state.env)}")
@@ -992,9 +999,10 @@ def grant(state: State, name: str, experiment: str, permission: str) -> None:
 # --- command line --------------------------------------------------------------------------------
 
 USAGE = """\
-usage: softmaxlab team up [--auth] | down | status | add-user NAME | grant NAME EXPERIMENT PERMISSION | join
+usage: softmaxlab team up [--auth|--no-auth] | down | status | add-user NAME | grant NAME EXPERIMENT PERMISSION | join
   up        start PostgreSQL, Ceph radosgw (S3) and the MLflow server on 127.0.0.1 (state in .team/);
-            --auth: MLflow's basic-auth app (admin password: MLFLOW_AUTH_ADMIN_PASSWORD or generated)
+            --auth: MLflow's basic-auth app (admin password: MLFLOW_AUTH_ADMIN_PASSWORD or generated),
+            kept on later `up`s until --no-auth
   down      stop them (data stays in .team/)
   status    each service, its URL, whether it answers and its memory
   add-user  create an MLflow user (auth mode); its credentials go to .team/users/NAME.env
@@ -1009,9 +1017,9 @@ def team_cli(args: list[str]) -> None:
         print(USAGE)
         return
     command, rest = args[0], args[1:]
-    if command == "up" and rest in ([], ["--auth"]):
-        root = project_root()
-        up(default_dir(), auth=rest == ["--auth"], project=root)
+    if command == "up" and rest in ([], ["--auth"], ["--no-auth"]):
+        up(default_dir(), auth={"--auth": True, "--no-auth": False}.get(rest[0]) if rest else None,
+           project=project_root())  # fmt: skip
     elif command == "down" and not rest:
         down(default_dir())
     elif command == "status" and not rest:
