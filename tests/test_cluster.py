@@ -294,3 +294,28 @@ def test_a_sweep_on_a_one_node_slurm_cluster_runs_each_job_as_a_slurm_job(tmp_pa
     assert children["tags.slurm.job_id"].nunique() == 2
     assert df[df["tags.sweep_overrides"].notna()].iloc[0]["status"] == "FAILED"
     assert list(pd.read_csv(project / "sweep" / "summary.csv")["status"]) == ["FINISHED", "FAILED"]
+
+
+@pytest.mark.parametrize(("device", "extra", "gpus"), [("gpu", [], 1), ("cpu", [], 0), ("auto", [], 0),
+                                                       ("gpu", ["hydra.launcher.ray.remote.num_gpus=2"], 2)])  # fmt: skip
+def test_the_ray_preset_gives_every_job_its_resources_and_the_sweeps_environment(device, extra, gpus):
+    from hydra import compose, initialize_config_dir
+
+    from softmaxlab.cluster import ENV_CWD, ray_settings
+    from softmaxlab.config import register_configs
+
+    register_configs()
+    with initialize_config_dir(str(ROOT / "conf"), version_base=None):
+        cfg = compose("config", ["launcher=ray", f"train.device={device}", *extra,
+                                 "+hydra.launcher.ray.init.runtime_env.env_vars.MINE=1"], return_hydra_config=True)  # fmt: skip
+    ray_settings(cfg, {"SOFTMAXLAB_PARENT_RUN_ID": "abc"}, cfg.train.device)
+    ray = cfg.hydra.launcher.ray
+    assert (ray.remote.num_cpus, ray.remote.num_gpus, ray.remote.max_retries) == (1, gpus, 0)
+    # The sweep's variables join the user's own; the workers move to this directory.
+    assert dict(ray.init.runtime_env.env_vars) == {
+        "MINE": 1,
+        "SOFTMAXLAB_PARENT_RUN_ID": "abc",
+        ENV_CWD: os.getcwd(),
+    }
+    assert ray.init.runtime_env.worker_process_setup_hook == "softmaxlab.cluster.ray_worker_setup"
+    assert ray.init.object_store_memory is None  # the plugin's 1.2.2 default is refused by a running cluster

@@ -39,10 +39,11 @@ def prepare_launcher(config: DictConfig, env: dict[str, str], device: str) -> No
         with open_dict(launcher):
             launcher.gpus_per_node = 1
     elif target == RAY_LAUNCHER:
-        prepare_ray(config, env, device)
+        ray_settings(config, env, device)
+        start_ray(launcher.ray.init)
 
 
-def prepare_ray(config: DictConfig, env: dict[str, str], device: str) -> None:
+def ray_settings(config: DictConfig, env: dict[str, str], device: str) -> None:
     """Give the Ray launcher's jobs what the basic and joblib launchers' jobs inherit.
 
     Ray's worker processes are started by each node's raylet, not by this process, so they
@@ -67,7 +68,6 @@ def prepare_ray(config: DictConfig, env: dict[str, str], device: str) -> None:
         }  # fmt: skip
         if remote.get("num_gpus") is None:
             remote.num_gpus = 1 if device == "gpu" else 0
-    start_ray(launcher.ray.init)
 
 
 def start_ray(init: DictConfig) -> None:
