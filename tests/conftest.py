@@ -146,9 +146,11 @@ def team_services(auth: bool = False):
             raise AssertionError(f"team up failed: {err}") from err
         yield state
     finally:
-        if (state_dir / "state.json").exists():
-            team.down(state_dir, say=lambda line: None)
-        shutil.rmtree(state_dir, ignore_errors=True)
+        try:
+            if (state_dir / "state.json").exists():
+                team.down(state_dir, say=lambda line: None)
+        finally:
+            shutil.rmtree(state_dir, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

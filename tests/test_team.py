@@ -291,3 +291,15 @@ def test_down_stops_every_process_and_up_keeps_objects_and_runs(auth_stack):
     assert got["Body"].read() == b"x" * 100_000
     search = f"{auth_stack.mlflow_url}/api/2.0/mlflow/experiments/get-by-name?experiment_name=before-restart"
     assert http_status(search, *admin) == 200  # the run store and the auth store (admin) survived too
+
+
+def test_missing_server_programs_are_one_line_naming_them_and_the_apt_command(tmp_path, monkeypatch):
+    from softmaxlab.errors import UserError
+
+    monkeypatch.setattr(team, "PG_BIN", tmp_path / "no-postgresql")
+    monkeypatch.setattr(team.os, "geteuid", lambda: 1000)  # not root: nothing is installed for us
+    with pytest.raises(UserError) as err:
+        team.ensure_installed()
+    message = str(err.value)
+    assert "\n" not in message and str(tmp_path / "no-postgresql" / "initdb") in message
+    assert f"apt-get install --no-install-recommends {team.APT_PACKAGES}" in message

@@ -582,7 +582,11 @@ def _rgw_keys(conf: Path, uid: str) -> dict[str, str]:
     """The S3 keys of radosgw user `uid`, created with keys radosgw generates (none on a
     command line)."""
     admin = ["radosgw-admin", "-c", str(conf)]
-    proc = subprocess.run([*admin, "user", "info", "--uid", uid], capture_output=True, text=True)
+    for attempt in range(5):  # a monitor that just started can refuse a first command (see _ceph)
+        proc = subprocess.run([*admin, "user", "info", "--uid", uid], capture_output=True, text=True)
+        if proc.returncode == 0 or "no user info saved" in proc.stderr:
+            break
+        time.sleep(0.5 * (attempt + 1))
     if proc.returncode != 0:
         proc = _run([*admin, "user", "create", "--uid", uid, "--display-name", f"softmaxlab {uid}"],
                     f"radosgw-admin user create {uid}")  # fmt: skip
