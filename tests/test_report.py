@@ -6,12 +6,14 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from softmaxlab import metrics as names
+from softmaxlab.config import as_dict
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 # In CI a missing browser is a failure, not a skip (.ci/run installs it).
@@ -100,3 +102,20 @@ def test_evaluation_is_recorded_in_the_run_even_when_drawing_fails(trained, tmp_
     assert set(names.evaluate_names()) <= set(run.data.metrics)
     artifacts = {a.path for a in tracker.client.list_artifacts(run_id)}
     assert "calibration" in artifacts and "report.html" not in artifacts
+
+
+def test_report_stage_draws_under_cprofile_as_bench_profile_runs_it(trained, tmp_path):
+    # `python -m cProfile -m softmaxlab.report` (bench/profile.py): __main__ is cProfile's,
+    # so the drawing process must get `draw` from softmaxlab.report, not from __main__.
+    from conftest import env_with_venv, run_cmd
+    from omegaconf import OmegaConf
+
+    root = tmp_path / "proj"
+    shutil.copytree(trained["root"], root)
+    params = as_dict(trained["cfg"])
+    params["tracking"]["enabled"] = False  # the drawing is the point; the run is not reopened
+    (root / "params.yaml").write_text(OmegaConf.to_yaml(params))
+    (root / "reports" / "report.html").unlink()
+    cmd = [sys.executable, "-m", "cProfile", "-o", str(tmp_path / "report.prof"), "-m", "softmaxlab.report"]
+    proc = run_cmd(cmd, root, env_with_venv())
+    assert "report: reports/report.html" in proc.stdout and (root / "reports" / "report.html").is_file()

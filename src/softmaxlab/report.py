@@ -363,11 +363,14 @@ def train_info(cfg: Config, root: Path = Path(".")) -> dict:
 @entry_point
 def main() -> None:
     """The DVC stage: run() as the pipeline's last stage; a failure is recorded in the run."""
-    from softmaxlab import tracking
+    # Through the module by its name, not __main__'s copy: the drawing process is handed
+    # `draw` by reference, and under `python -m cProfile -m softmaxlab.report`
+    # (bench/profile.py) __main__ is cProfile, where there is no `draw` to look up.
+    from softmaxlab import report, tracking
 
     cfg = load_params()
     with tracking.failure_recorded(cfg, "report"):
-        path = run(cfg, Path("."), stage=True)
+        path = report.run(cfg, Path("."), stage=True)
     print(f"report: {path}")
 
 
