@@ -7,12 +7,13 @@ import base64
 import json
 import stat
 import subprocess
+import sys
 import urllib.error
 import urllib.request
 from pathlib import Path
 
 import pytest
-from conftest import env_with_venv, make_project, run_cmd, team_services
+from conftest import env_with_venv, make_project, run_cmd, team_services, tiny_overrides
 
 from softmaxlab import team
 
@@ -253,6 +254,34 @@ def test_missing_or_wrong_mlflow_credentials_are_one_line_naming_the_variables(a
         assert out.returncode == 2 and out.stderr.count("\n") == 1 and "Traceback" not in out.stderr
         assert "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD" in out.stderr
         assert "wrong" not in out.stderr
+
+
+def test_a_users_pipeline_run_on_the_auth_server_carries_no_credential(auth_stack, tmp_path, monkeypatch):
+    import mlflow
+
+    password = team.add_user(auth_stack, "carol")
+    creds = {"MLFLOW_TRACKING_USERNAME": "carol", "MLFLOW_TRACKING_PASSWORD": password}
+    project = make_project(tmp_path / "proj", *tiny_overrides())
+    env = env_with_venv(MLFLOW_TRACKING_URI=auth_stack.mlflow_url, **creds)
+    out = run_cmd(
+        [sys.executable, "-m", "softmaxlab", *tiny_overrides(), "tracking.experiment=carol-exp"], project, env
+    )
+    assert password not in out.stdout + out.stderr
+    # Read back as the admin: the run is carol's, on the server, and holds no credential.
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", auth_stack.mlflow_url)
+    monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "admin")
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", auth_stack.secrets["admin_password"])
+    client = mlflow.MlflowClient()
+    (run,) = client.search_runs([client.get_experiment_by_name("carol-exp").experiment_id])
+    assert run.info.status == "FINISHED"
+    data = run.data
+    logged = " ".join([*data.tags, *data.tags.values(), *data.params, *data.params.values(), *data.metrics])
+    files = mlflow.artifacts.download_artifacts(run_id=run.info.run_id, dst_path=str(tmp_path / "artifacts"))
+    blobs = [p.read_bytes() for p in Path(files).rglob("*") if p.is_file()]
+    assert len(blobs) > 10  # report, figures, tables, the model's files: through the server from S3
+    for value in (password, auth_stack.secrets["admin_password"], *secret_values(auth_stack)):
+        assert value not in logged
+        assert not any(value.encode() in b for b in blobs)
 
 
 def test_auth_mode_puts_no_credential_in_process_listings_or_logs(auth_stack):
