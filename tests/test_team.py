@@ -293,6 +293,24 @@ def test_auth_mode_puts_no_credential_in_process_listings_or_logs(auth_stack):
         assert value not in logs
 
 
+def test_stopping_one_service_leaves_the_others_and_up_restarts_only_it(auth_stack):
+    before = {name: team.running_pid(auth_stack, name) for name in team.SERVICES}
+    assert team.stop(auth_stack.dir, "radosgw", say=lambda line: None) == ["radosgw"]
+    assert not any(s.answers for s in team.status(auth_stack.dir) if s.name == "radosgw")
+    said = []
+    team.up(auth_stack.dir, ports=auth_stack.ports, say=said.append)
+    assert [line.split()[1:3] for line in said[:5]] == [
+        ["postgres", "already"], ["ceph-mon", "already"], ["ceph-osd", "already"],
+        ["radosgw", "started:"], ["mlflow", "already"],
+    ]  # fmt: skip
+    after = {name: team.running_pid(auth_stack, name) for name in team.SERVICES}
+    assert {n: p for n, p in after.items() if n != "radosgw"} == {
+        n: p for n, p in before.items() if n != "radosgw"
+    }
+    with pytest.raises(team.UserError, match="no service 'minio'"):
+        team.stop(auth_stack.dir, "minio")
+
+
 def test_down_stops_every_process_and_up_keeps_objects_and_runs(auth_stack):
     admin = ("admin", auth_stack.env["MLFLOW_TRACKING_PASSWORD"])
     create = f"{auth_stack.mlflow_url}/api/2.0/mlflow/experiments/create"

@@ -17,6 +17,7 @@ API (what other modules and the tests call):
 
     state = team.up(state_dir, ports=None, auth=False, project=None)   # start what is not running
     team.down(state_dir)                  # stop our processes (by PID/process group); data stays
+    team.stop(state_dir, "radosgw")       # stop some (fault tests); a later team.up restarts them
     team.status(state_dir)                # [Service(name, url, pid, answers, rss_mb)]
     state = team.load(state_dir)          # a stack created before
     state.env                             # the variables of .team/env (dict)
@@ -848,11 +849,17 @@ def up(
     return state
 
 
-def down(state_dir: Path | None = None, say=print) -> list[str]:
-    """Stop our processes (by PID and their own process groups), newest first; data stays."""
+def stop(state_dir: Path | None, *names: str, say=print) -> list[str]:
+    """Stop some of our services (names from SERVICES), newest first, by PID and their own
+    process groups; their data stays. `up` starts them again (the fault tests stop one)."""
     state = load(state_dir)
+    unknown = [n for n in names if n not in SERVICES]
+    if unknown:
+        raise UserError(f"no service {unknown[0]!r}: choose from {', '.join(SERVICES)}")
     stopped = []
     for name in reversed(SERVICES):
+        if name not in names:
+            continue
         pid = running_pid(state, name)
         if name == "postgres":
             if pid or _pg_answers(state) and (_pg_dirs(state)[0] / "postmaster.pid").exists():
@@ -864,7 +871,13 @@ def down(state_dir: Path | None = None, say=print) -> list[str]:
         say(f"team: {name:<9} {f'stopped (pid {pid})' if pid else 'was not running'}")
         with contextlib.suppress(FileNotFoundError):
             state.path("pids", f"{name}.pid").unlink()
-    say(f"team: data kept in {state.dir}")
+    return stopped
+
+
+def down(state_dir: Path | None = None, say=print) -> list[str]:
+    """Stop all our processes (by PID and their own process groups); the data stays."""
+    stopped = stop(state_dir, *SERVICES, say=say)
+    say(f"team: data kept in {load(state_dir).dir}")
     return stopped
 
 
