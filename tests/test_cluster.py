@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import signal
 import subprocess
 import time
 from pathlib import Path
@@ -65,6 +66,12 @@ class RayCluster:
         # namespace's mount, and renaming from it to an absolute path fails (EXDEV).
         cd = ["sh", "-c", 'cd "$0" && exec "$@"', str(cwd)]
         return run_cmd(enter + cd + args, cwd, env=env_with_venv(**{**self.env, **extra_env}), check=check)
+
+    def popen(self, args: list[str], cwd: Path, **extra_env: str) -> subprocess.Popen:
+        enter = ["nsenter", f"--target={self.init}", "--net", "--pid", "--mount", "--"]
+        cd = ["sh", "-c", 'cd "$0" && exec "$@"', str(cwd)]
+        return subprocess.Popen(enter + cd + args, cwd=cwd, env=env_with_venv(**{**self.env, **extra_env}),
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
 
     def stop(self) -> None:
         self.proc.kill()  # unshare --kill-child: its child, the namespace's first process, gets SIGKILL too
@@ -140,6 +147,63 @@ def test_a_job_that_fails_on_the_cluster_is_a_failed_child_and_the_sweep_exits_1
     assert "RUNNING" not in set(df["status"])
     children = df[df["tags.job_num"].notna()].sort_values("tags.job_num")
     assert list(children["status"]) == ["FINISHED", "FAILED"]
+    assert list(pd.read_csv(project / "sweep" / "summary.csv")["status"]) == ["FINISHED", "FAILED"]
+    assert df[df["tags.sweep_overrides"].notna()].iloc[0]["status"] == "FAILED"
+
+
+def job_workers(project: Path) -> list[int]:
+    """PIDs of Ray workers running a job of a sweep started in `project`: Ray titles a busy
+    worker `ray::_run_job`, and the sweep's runtime env gives its workers SOFTMAXLAB_SWEEP_CWD."""
+    mark = f"SOFTMAXLAB_SWEEP_CWD={project}".encode()
+    pids = []
+    for proc in Path("/proc").iterdir():
+        try:
+            if (proc / "cmdline").read_bytes().startswith(b"ray::_run_job") and mark in (
+                proc / "environ"
+            ).read_bytes().split(b"\0"):
+                pids.append(int(proc.name))
+        except (OSError, ValueError):
+            continue
+    return pids
+
+
+def test_a_job_whose_ray_worker_dies_fails_alone_and_its_run_is_not_left_running(ray_cluster, tmp_path):
+    project = make_project(tmp_path / "proj")
+    tiny = [o for o in tiny_overrides() if not o.startswith("train.epochs")]
+    # Job 0 trains 2 epochs; job 1 trains long enough to be killed while it trains.
+    proc = ray_cluster.popen(["python", "-m", "softmaxlab", "-m", "launcher=ray", "train.epochs=2,5000", *tiny,
+                              "hydra.sweep.dir=sweep"], project)  # fmt: skip
+    try:
+        deadline = time.time() + 300
+        while time.time() < deadline and proc.poll() is None:
+            # Job 0's marker first: reading the store while the sweep creates it races its migrations.
+            if (project / "sweep" / ".jobs_done" / "0").exists():
+                df = runs(project)
+                status = (
+                    dict(zip(df["tags.job_num"], df["status"], strict=True)) if "tags.job_num" in df else {}
+                )
+                if (
+                    status.get("0") == "FINISHED"
+                    and status.get("1") == "RUNNING"
+                    and len(job_workers(project)) == 1
+                ):
+                    break
+            time.sleep(1)
+        workers = job_workers(project)
+        assert len(workers) == 1, (workers, proc.poll())
+        os.kill(workers[0], signal.SIGKILL)  # as Ray's memory monitor or a lost node would
+        out, err = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 1, err
+    lost = [line for line in err.splitlines() if line.startswith("softmaxlab: error: job 1")]
+    assert len(lost) == 1 and "Ray lost its worker" in lost[0], err
+    df = runs(project)
+    assert "RUNNING" not in set(df["status"])
+    children = df[df["tags.job_num"].notna()].sort_values("tags.job_num")
+    assert list(children["status"]) == ["FINISHED", "FAILED"]
+    assert children.iloc[1]["tags.error"].startswith("Ray lost its worker")
     assert list(pd.read_csv(project / "sweep" / "summary.csv")["status"]) == ["FINISHED", "FAILED"]
     assert df[df["tags.sweep_overrides"].notna()].iloc[0]["status"] == "FAILED"
 

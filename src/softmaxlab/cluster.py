@@ -18,7 +18,12 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from softmaxlab.errors import UserError
 
-RAY_LAUNCHER = "hydra_plugins.hydra_ray_launcher.ray_launcher.RayLauncher"
+# The plugin's own (hydra/launcher=ray) and ours, which launcher=ray uses
+# (src/hydra_plugins/softmaxlab_ray/launcher.py).
+RAY_LAUNCHERS = (
+    "hydra_plugins.hydra_ray_launcher.ray_launcher.RayLauncher",
+    "hydra_plugins.softmaxlab_ray.launcher.RayLauncher",
+)
 ENV_CWD = "SOFTMAXLAB_SWEEP_CWD"  # the launching process's directory, for Ray's workers
 
 
@@ -38,7 +43,7 @@ def prepare_launcher(config: DictConfig, env: dict[str, str], device: str) -> No
     if target in SUBMITIT_LAUNCHERS and launcher.get("gpus_per_node") is None and device == "gpu":
         with open_dict(launcher):
             launcher.gpus_per_node = 1
-    elif target == RAY_LAUNCHER:
+    elif target in RAY_LAUNCHERS:
         ray_settings(config, env, device)
         start_ray(launcher.ray.init)
 

@@ -74,6 +74,30 @@ def record_failed_job(job_num: int, overrides: str, error: str) -> None:
     retry_locked(client.set_terminated, run.info.run_id, "FAILED")
 
 
+def fail_lost_job(job_num: int, overrides: str, error: str) -> None:
+    """A job whose process died under it (a cluster launcher lost its worker): its run, if it
+    had opened one, cannot end itself and would stay RUNNING; end it FAILED with the reason.
+    Without a run, record the job as a FAILED child, as record_failed_job does."""
+    store = os.environ.get(ENV_STORE)
+    if not store or not parent_run_id():
+        return
+    from mlflow.tracking import MlflowClient
+
+    from softmaxlab.tracking import retry_locked
+
+    experiment_id, uri = store.split(" ", 1)
+    client = MlflowClient(uri)
+    found = retry_locked(
+        client.search_runs, [experiment_id],
+        f"tags.sweep_id = '{sweep_id()}' and tags.job_num = '{job_num}' and attributes.status = 'RUNNING'",
+    )  # fmt: skip
+    if not found:
+        record_failed_job(job_num, overrides, error)
+    for run in found:
+        retry_locked(client.set_tag, run.info.run_id, "error", error[:5000])
+        retry_locked(client.set_terminated, run.info.run_id, "FAILED")
+
+
 def _job_config(config: DictConfig):
     from softmaxlab.config import to_config
 
