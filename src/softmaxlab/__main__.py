@@ -215,6 +215,9 @@ Commands:
   softmaxlab summarize SWEEP_ID [DIR]    rebuild a past sweep's summary from MLflow
   softmaxlab sync [URI]                  copy runs that fell back to the local store to the
                                          tracking server
+  softmaxlab push|pull [DVC ARGS]        dvc push / dvc pull, after checking that the object
+                                         store answers and takes your credentials (one line
+                                         naming the variable if not)
   softmaxlab ui [PORT]                   MLflow's UI on 127.0.0.1 (default port 5000)
   softmaxlab adopt                       make params.yaml's values (an applied DVC experiment)
                                          conf/'s defaults
@@ -271,8 +274,8 @@ def cli() -> None:
     if args and args[0] in ("--help", "-h"):
         print(help_text(), end="")
         return
-    if args and args[0] in ("summarize", "sync", "ui", "adopt", "promote", "serve", "team"):
-        from softmaxlab import adopt, promote, serve, sweep, sync, team, ui
+    if args and args[0] in ("summarize", "sync", "ui", "adopt", "promote", "serve", "team", "push", "pull"):
+        from softmaxlab import adopt, promote, remote, serve, sweep, sync, team, ui
 
         commands = {
             "summarize": sweep.summarize_cli,
@@ -282,6 +285,8 @@ def cli() -> None:
             "promote": promote.promote_cli,
             "serve": serve.serve_cli,
             "team": team.team_cli,
+            "push": lambda rest: remote.dvc_cli("push", rest),
+            "pull": lambda rest: remote.dvc_cli("pull", rest),
         }
         try:
             commands[args[0]](args[1:])
