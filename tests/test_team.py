@@ -248,12 +248,49 @@ def test_wrong_admin_password_is_one_line_naming_the_variable(auth_stack):
 
 def test_missing_or_wrong_mlflow_credentials_are_one_line_naming_the_variables(auth_stack, tmp_path):
     project = make_project(tmp_path / "proj")
-    for creds in ({}, {"MLFLOW_TRACKING_USERNAME": "admin", "MLFLOW_TRACKING_PASSWORD": "wrong"}):
-        out = run_cmd(["softmaxlab", "ui"], project,
-                      env_with_venv(MLFLOW_TRACKING_URI=auth_stack.mlflow_url, **creds), check=False)  # fmt: skip
-        assert out.returncode == 2 and out.stderr.count("\n") == 1 and "Traceback" not in out.stderr
-        assert "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD" in out.stderr
-        assert "wrong" not in out.stderr
+    for creds in ({}, {"MLFLOW_TRACKING_USERNAME": "admin", "MLFLOW_TRACKING_PASSWORD": "wrong-pw-3c1"}):
+        env = env_with_venv(MLFLOW_TRACKING_URI=auth_stack.mlflow_url, **creds)
+        ui = run_cmd(["softmaxlab", "ui"], project, env, check=False)
+        run = run_cmd([sys.executable, "-m", "softmaxlab", *tiny_overrides()], project, env, check=False)
+        for out in (ui, run):
+            assert out.returncode == 2 and out.stderr.count("\n") == 1 and "Traceback" not in out.stderr
+            assert "wrong-pw-3c1" not in out.stderr
+        assert "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD" in ui.stderr
+        if creds:
+            assert "refused MLFLOW_TRACKING_USERNAME=admin with its password (HTTP 401)" in run.stderr
+            assert "check MLFLOW_TRACKING_PASSWORD" in run.stderr
+        else:
+            assert (
+                "wants a login (HTTP 401): set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD"
+                in run.stderr
+            )
+
+
+def test_a_user_without_edit_gets_one_line_saying_who_grants_it_and_no_run(auth_stack, tmp_path):
+    import mlflow
+
+    admin = ("admin", auth_stack.secrets["admin_password"])
+    assert (
+        http_status(
+            f"{auth_stack.mlflow_url}/api/2.0/mlflow/experiments/create", *admin, {"name": "admin-exp"}
+        )
+        == 200
+    )
+    password = team.add_user(auth_stack, "erin")
+    project = make_project(tmp_path / "proj")
+    env = env_with_venv(MLFLOW_TRACKING_URI=auth_stack.mlflow_url, MLFLOW_TRACKING_USERNAME="erin",
+                        MLFLOW_TRACKING_PASSWORD=password)  # fmt: skip
+    for args in ([], ["-m", "seed=0,1"]):  # one run, and a sweep (refused before any job)
+        out = run_cmd([sys.executable, "-m", "softmaxlab", *args, *tiny_overrides(), "tracking.experiment=admin-exp"],
+                      project, env, check=False)  # fmt: skip
+        assert out.returncode == 2 and out.stderr.count("\n") == 1, out.stderr
+        assert "user erin may not write to experiment 'admin-exp' (HTTP 403)" in out.stderr
+        assert "softmaxlab team grant erin admin-exp EDIT" in out.stderr
+    client = mlflow.MlflowClient(auth_stack.mlflow_url)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MLFLOW_TRACKING_USERNAME", "admin")
+        mp.setenv("MLFLOW_TRACKING_PASSWORD", auth_stack.secrets["admin_password"])
+        assert client.search_runs([client.get_experiment_by_name("admin-exp").experiment_id]) == []
 
 
 def test_a_users_pipeline_run_on_the_auth_server_carries_no_credential(auth_stack, tmp_path, monkeypatch):

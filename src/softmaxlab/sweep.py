@@ -130,7 +130,10 @@ class SweepCallback(Callback):
         if total:
             os.environ[ENV_PROGRESS] = f"{total} {time.time()}"
         if tracker is not None:
-            self._open_parent(config, cfg, tracker, sid)
+            try:
+                self._open_parent(config, cfg, tracker, sid)
+            except UserError as err:  # the server refused the parent run: no job has run
+                fail(str(err))
         # For launchers whose jobs do not inherit this process's environment (Ray).
         job_env = {
             k: os.environ[k] for k in (ENV_SWEEP, ENV_PROGRESS, ENV_PARENT, ENV_STORE) if k in os.environ
@@ -155,7 +158,12 @@ class SweepCallback(Callback):
             "sweep_overrides": " ".join(config.hydra.overrides.task),
             **tracking.git_state(Path.cwd()),
         }
-        run = tracker.client.create_run(tracker.experiment_id, run_name=f"sweep {sid}", tags=tags)
+        try:
+            run = tracker.client.create_run(tracker.experiment_id, run_name=f"sweep {sid}", tags=tags)
+        except Exception as err:  # refused by the server: before any job runs, in one line
+            if refused := tracking.credentials_error(err, tracker.uri, cfg.tracking.experiment):
+                raise refused from None
+            raise
         tracker.log_params(run.info.run_id, cfg)
         os.environ[ENV_PARENT] = run.info.run_id
         os.environ[ENV_STORE] = f"{tracker.experiment_id} {tracker.uri}"

@@ -174,6 +174,35 @@ def is_tracking_error(err: BaseException) -> bool:
     return isinstance(err, MlflowException | RequestException)
 
 
+def credentials_error(err: BaseException, uri: str, experiment: str) -> UserError | None:
+    """A tracking server's refusal (HTTP 401 or 403) as one line naming what to set, or None
+    for any other error. Never shows the password."""
+    from urllib.parse import unquote, urlsplit
+
+    from mlflow.exceptions import MlflowException
+
+    code = err.get_http_status_code() if isinstance(err, MlflowException) else None
+    if code not in (401, 403):
+        return None
+    user = os.environ.get("MLFLOW_TRACKING_USERNAME") or unquote(urlsplit(uri).username or "")
+    server = f"MLflow server {redact(uri)}"
+    if code == 401 and not user:
+        return UserError(
+            f"{server} wants a login (HTTP 401): set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD "
+            "(a team user's, from `softmaxlab team add-user`)"
+        )
+    if code == 401:
+        return UserError(
+            f"{server} refused MLFLOW_TRACKING_USERNAME={user} with its password (HTTP 401): "
+            "check MLFLOW_TRACKING_PASSWORD"
+        )
+    return UserError(
+        f"{server}: user {user or '(none)'} may not write to experiment {experiment!r} (HTTP 403): "
+        f"its owner or an admin grants it (`softmaxlab team grant {user or 'USER'} {experiment} EDIT`), "
+        "or choose another tracking.experiment"
+    )
+
+
 def git_state(root: Path) -> dict[str, str]:
     def git(*args: str) -> str:
         out = subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, timeout=10, check=True)
@@ -251,14 +280,19 @@ class Tracker:
         # The fluent API (start_run, log_model) follows the process-wide URI, which other code
         # in the process may have moved since connect(): pin it to this tracker's store.
         use_uri(self.uri)
-        run = retry_locked(
-            mlflow.start_run,
-            experiment_id=self.experiment_id,
-            run_name=run_name or default_run_name(cfg),
-            parent_run_id=parent_run_id,
-            nested=parent_run_id is not None,
-            tags=all_tags,
-        )
+        try:
+            run = retry_locked(
+                mlflow.start_run,
+                experiment_id=self.experiment_id,
+                run_name=run_name or default_run_name(cfg),
+                parent_run_id=parent_run_id,
+                nested=parent_run_id is not None,
+                tags=all_tags,
+            )
+        except Exception as err:  # a server that lets us read the experiment may not let us write
+            if refused := credentials_error(err, self.uri, cfg.tracking.experiment):
+                raise refused from None
+            raise
         self.last_run_id = run.info.run_id
         status = "FINISHED"
         try:
@@ -435,6 +469,8 @@ def connect(cfg: Config) -> Tracker | None:
     except UserError:
         raise
     except Exception as err:
+        if refused := credentials_error(err, uri, cfg.tracking.experiment):
+            raise refused from None
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise UserError(
             f"MLflow tracking store {redact(uri)} is not usable: {redact_text(first, uri)}"
