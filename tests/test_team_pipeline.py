@@ -267,3 +267,48 @@ def test_postgres_restarting_mid_sweep_leaves_no_run_running(team_stack, tmp_pat
             assert r.data.tags.get("error"), r.data.tags
     # The exit code says whether every job finished.
     assert (sweep.returncode == 0) == all(r.info.status == "FINISHED" for r in jobs)
+
+
+def test_postgres_down_longer_than_the_retries_fails_the_job_with_its_error(team_stack, tmp_path):
+    """The database stays down past the client's retries: the job logging then fails alone,
+    its run ends FAILED with the error once the database is back; nothing stays RUNNING."""
+    from mlflow.tracking import MlflowClient
+
+    # One retry (a few seconds) instead of our default 4 (~30 s): the outage outlasts it sooner.
+    env = env_with_venv(**team_stack.env, MLFLOW_HTTP_REQUEST_MAX_RETRIES="1")
+    server = MlflowClient(team_stack.mlflow_url)
+    experiment = f"pg-down-{uuid.uuid4().hex[:8]}"
+    project = make_project(tmp_path / "proj")
+    sweep = subprocess.Popen(
+        [sys.executable, "-m", "softmaxlab", "-m", "seed=0,1,2",
+         *tiny_overrides(f"tracking.experiment={experiment}"), "hydra.sweep.dir=sweep"],
+        cwd=project, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        deadline = time.time() + 300
+        sid = None
+        while time.time() < deadline and sweep.poll() is None:
+            exp = server.get_experiment_by_name(experiment)
+            runs = server.search_runs([exp.experiment_id], "tags.job_num = '1'") if exp else []
+            if runs and runs[0].info.status == "RUNNING":
+                sid = runs[0].data.tags["sweep_id"]
+                break
+            time.sleep(0.1)
+        assert sid, "job 1 never started"
+        team._stop_postgres(team_stack)
+        time.sleep(12)
+        team._start_postgres(team_stack)
+        out, err = sweep.communicate(timeout=600)
+    finally:
+        sweep.kill()
+    assert sweep.returncode == 1, err
+    assert re.search(r"error: job 1 .*tracking store", err), err
+    runs = the_run(server, experiment, sweep_id=sid)
+    assert "RUNNING" not in [r.info.status for r in runs], (
+        [(r.data.tags.get("job_num"), r.info.status) for r in runs], err
+    )
+    (job1,) = [r for r in runs if r.data.tags.get("job_num") == "1"]
+    assert job1.info.status == "FAILED" and job1.data.tags.get("error"), job1.data.tags
+    for r in runs:
+        if r.info.status == "FAILED" and "job_num" in r.data.tags:
+            assert r.data.tags.get("error"), r.data.tags

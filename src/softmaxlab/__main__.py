@@ -121,12 +121,19 @@ def job(dcfg) -> float:
         print(f"softmaxlab: error: job {hc.job.num} ({overrides}): {err}", file=sys.stderr)
         return float("nan")
 
+    if multirun:
+        tracking.end_stranded()  # an earlier job's run the store could not end then
     try:
         cfg = to_config(dcfg)
         tracker = tracking.connect(cfg)
     except UserError as err:
         if multirun:
-            sweep.record_failed_job(hc.job.num, overrides, str(err))
+            try:
+                sweep.record_failed_job(hc.job.num, overrides, str(err))
+            except Exception as record_err:  # the store is what fails: recorded at the sweep's end
+                if not tracking.is_tracking_error(record_err):
+                    raise
+                sweep.defer_failed_job(hc.job.num, overrides, str(err))
         return failed(err)
     tags = {"overrides": overrides or "(defaults)"}
     if multirun:

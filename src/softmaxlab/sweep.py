@@ -39,7 +39,7 @@ SUMMARY_COLUMNS = {
     f"metrics.{names.TRAIN_SECONDS}": "train_s",
     "run_id": "run_id",
 }
-_state: dict = {"parent": None, "failed": 0}
+_state: dict = {"parent": None, "failed": 0, "unrecorded": []}
 
 
 def parent_run_id() -> str | None:
@@ -209,6 +209,9 @@ class SweepCallback(Callback):
             )  # fmt: skip
             _state["parent"] = None
             return
+        if not settle(tracker):
+            _state["failed"] = _state["failed"] or 1  # unknown how many: not a success
+            return
         table = write_summary(tracker, sweep_id(), sweep_dir, run_id, _job_config(config).objective)
         _state["failed"] = int((table["status"] != "FINISHED").sum())
         print(
@@ -297,16 +300,64 @@ def tracking_link(tracker) -> str:
     return runs_table_url(tracker.experiment_id)
 
 
+STORE_WAIT_S = 120  # how long the end of a sweep waits for a failing store (a restart) to return
+
+
+def settle(tracker) -> bool:
+    """Before the sweep reads or ends its runs: wait (up to STORE_WAIT_S) while the store fails,
+    say, its database restarting; then end the runs it could not end at the time (with their
+    errors) and record the jobs it could not record. False if it is still failing: then one
+    line says which runs stay RUNNING."""
+    from softmaxlab import tracking
+
+    deadline, said = time.monotonic() + STORE_WAIT_S, False
+    while True:
+        try:
+            tracker.client.get_experiment(tracker.experiment_id)  # reads the database
+            break
+        except Exception as err:
+            if not tracking.is_tracking_error(err):
+                raise
+            why = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            if time.monotonic() > deadline:
+                left = [r for _, r, _, _ in tracking._stranded] + (
+                    [_state["parent"][1]] if _state["parent"] else []
+                )
+                print(f"softmaxlab: warning: tracking store {tracking.redact(tracker.uri)} still fails ({why}): "
+                      f"runs {', '.join(left)} stay RUNNING; end them FAILED in the UI or with "
+                      "MlflowClient().set_terminated", file=sys.stderr, flush=True)  # fmt: skip
+                return False
+            if not said:
+                print(f"softmaxlab: warning: tracking store {tracking.redact(tracker.uri)} fails ({why}); "
+                      f"waiting up to {STORE_WAIT_S} s for it to end the sweep's runs", file=sys.stderr, flush=True)  # fmt: skip
+                said = True
+            time.sleep(3)
+    tracking.end_stranded()
+    while _state["unrecorded"]:
+        record_failed_job(*_state["unrecorded"].pop(0))
+    return True
+
+
+def defer_failed_job(job_num: int, overrides: str, error: str) -> None:
+    """record_failed_job failed (the store was failing too): settle() records it later."""
+    _state["unrecorded"].append((job_num, overrides, error))
+
+
 def close_parent() -> None:
     """End the parent run: FINISHED if every child finished, else FAILED. Also runs when the
     sweep itself was aborted, so the parent is never left RUNNING."""
+    from softmaxlab.tracking import end_stranded, server_lost
+
     parent = _state["parent"]
     if parent is None:
+        end_stranded()  # a sweep without a parent run (it fell back before it began)
         return
     tracker, run_id, _ = parent
-    from softmaxlab.tracking import server_lost
 
     if server_lost(tracker):  # nothing can be told; sync completes it later (complete_parents)
+        _state["parent"] = None
+        return
+    if not settle(tracker):
         _state["parent"] = None
         return
     children = search_children(tracker, sweep_id())

@@ -294,7 +294,7 @@ class Tracker:
                 raise refused from None
             raise
         self.last_run_id = run.info.run_id
-        status = "FINISHED"
+        status, message = "FINISHED", None
         try:
             self.log_params(run.info.run_id, cfg)
             yield run.info.run_id
@@ -303,9 +303,10 @@ class Tracker:
             raise
         except BaseException as err:
             status = "FAILED"
+            message = redact_text(str(err).strip() or type(err).__name__, self.uri)[:5000]
             with contextlib.suppress(Exception):  # the store may be what failed
-                message = redact_text(str(err).strip() or type(err).__name__, self.uri)
-                self.set_tags(run.info.run_id, {ERROR_TAG: message[:5000]})
+                self.set_tags(run.info.run_id, {ERROR_TAG: message})
+                message = None  # recorded
             raise
         finally:
             if status == "FINISHED" and later_stages:
@@ -315,10 +316,16 @@ class Tracker:
                     NOTE_TAG: f"Not complete: {pending} still to run (FAILED until report is done).",
                 })  # fmt: skip
                 status = "FAILED"
-            if mlflow.active_run() and mlflow.active_run().info.run_id == run.info.run_id:
-                retry_locked(mlflow.end_run, status)
-            else:
-                retry_locked(self.client.set_terminated, run.info.run_id, status)
+            try:
+                if mlflow.active_run() and mlflow.active_run().info.run_id == run.info.run_id:
+                    retry_locked(mlflow.end_run, status)
+                else:
+                    retry_locked(self.client.set_terminated, run.info.run_id, status)
+            except Exception:
+                # The store did not take the run's end (say, its database was down for longer
+                # than the client's retries): end_stranded() tries again when the sweep ends.
+                _stranded.append((self.uri, run.info.run_id, status, message))
+                raise
 
     # -- logging ------------------------------------------------------------------------
     def log_params(self, run_id: str, cfg: Config) -> None:
@@ -433,6 +440,28 @@ def data_location(root: Path, rel: str, md5: str) -> str:
     except Exception:  # not DVC-tracked (yet), or DVC cannot read its config: the file itself
         return str(path)
     return redact(url) if url.endswith(f"{md5[:2]}/{md5[2:]}") else str(path)
+
+
+# Runs whose end the store did not take: (uri, run id, status, error message not yet recorded).
+_stranded: list[tuple[str, str, str, str | None]] = []
+
+
+def end_stranded() -> list[str]:
+    """End the runs the store could not end at the time (see Tracker.run), with their error;
+    returns the ids still not ended (the store is still failing)."""
+    from mlflow.tracking import MlflowClient
+
+    pending, _stranded[:] = list(_stranded), []
+    for entry in pending:
+        uri, run_id, status, message = entry
+        client = MlflowClient(uri)
+        try:
+            if message:
+                client.set_tag(run_id, ERROR_TAG, message)
+            client.set_terminated(run_id, status)
+        except Exception:
+            _stranded.append(entry)  # the next call tries again
+    return [run_id for _, run_id, _, _ in _stranded]
 
 
 def connect(cfg: Config) -> Tracker | None:
