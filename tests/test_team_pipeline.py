@@ -305,7 +305,8 @@ def test_postgres_down_longer_than_the_retries_fails_the_job_with_its_error(team
     assert re.search(r"error: job 1 .*tracking store", err), err
     runs = the_run(server, experiment, sweep_id=sid)
     assert "RUNNING" not in [r.info.status for r in runs], (
-        [(r.data.tags.get("job_num"), r.info.status) for r in runs], err
+        [(r.data.tags.get("job_num"), r.info.status) for r in runs],
+        err,
     )
     (job1,) = [r for r in runs if r.data.tags.get("job_num") == "1"]
     assert job1.info.status == "FAILED" and job1.data.tags.get("error"), job1.data.tags
