@@ -25,6 +25,10 @@ pytestmark = pytest.mark.slow
 OUTPUT_DIRS = ("data", "models", "predictions", "reports")
 
 
+def quiet(line: str) -> None:
+    pass
+
+
 def md5s(project: Path) -> dict[str, str]:
     """md5 of every file under the DVC-tracked output folders."""
     return {
@@ -112,7 +116,7 @@ def test_two_clones_share_data_experiments_and_runs_through_the_team_stack(team_
 
     # Item 6b: the object store is down during a push: one line, the cache keeps everything,
     # and once it is back the push completes.
-    team._stop_ceph(team_stack, "radosgw")
+    team.stop(team_stack.dir, "radosgw", say=quiet)
     try:
         down = run_cmd(["softmaxlab", "push"], a, env=env, check=False)
         assert down.returncode == 1 and down.stderr.count("\n") == 1, down.stderr
@@ -121,7 +125,7 @@ def test_two_clones_share_data_experiments_and_runs_through_the_team_stack(team_
         raw = run_cmd(["dvc", "push"], a, env=env, check=False)
         assert raw.returncode != 0 and "Could not connect to the endpoint URL" in raw.stderr
     finally:
-        team.up(team_stack.dir, say=lambda line: None)  # starts radosgw again, nothing else
+        team.up(team_stack.dir, say=quiet)  # starts radosgw again, nothing else
     cache = a / ".dvc" / "cache" / "files" / "md5"
     assert all((cache / h[:2] / h[2:]).is_file() for h in lock_hashes(a))
     run_cmd(["softmaxlab", "push"], a, env=env)
@@ -252,8 +256,8 @@ def test_postgres_restarting_mid_sweep_leaves_no_run_running(team_stack, tmp_pat
                 break
             time.sleep(0.1)
         assert sid, "job 1 never started"
-        team._stop_postgres(team_stack)
-        team._start_postgres(team_stack)
+        team.stop(team_stack.dir, "postgres", say=quiet)
+        team.up(team_stack.dir, say=quiet)  # starts PostgreSQL again
         out, err = sweep.communicate(timeout=600)
     finally:
         sweep.kill()
@@ -295,9 +299,9 @@ def test_postgres_down_longer_than_the_retries_fails_the_job_with_its_error(team
                 break
             time.sleep(0.1)
         assert sid, "job 1 never started"
-        team._stop_postgres(team_stack)
+        team.stop(team_stack.dir, "postgres", say=quiet)
         time.sleep(12)
-        team._start_postgres(team_stack)
+        team.up(team_stack.dir, say=quiet)
         out, err = sweep.communicate(timeout=600)
     finally:
         sweep.kill()
