@@ -41,6 +41,24 @@ TINY = [
 ]
 
 
+@pytest.fixture(autouse=True)
+def mlflow_tracking_uri_restored():
+    """MLflow 3's set_tracking_uri keeps the URI in a module global and exports it as
+    MLFLOW_TRACKING_URI: a test that tracks in-process would otherwise send every later test's
+    clients and subprocesses (same xdist worker) to its own store."""
+    saved_env = os.environ.get("MLFLOW_TRACKING_URI")
+    utils = sys.modules.get("mlflow.tracking._tracking_service.utils")
+    saved_global = utils._tracking_uri if utils else None
+    yield
+    if saved_env is None:
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+    else:
+        os.environ["MLFLOW_TRACKING_URI"] = saved_env
+    utils = sys.modules.get("mlflow.tracking._tracking_service.utils")
+    if utils:
+        utils._tracking_uri = saved_global
+
+
 def tiny_overrides(*extra: str) -> list[str]:
     return [*TINY, *extra]
 

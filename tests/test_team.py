@@ -147,7 +147,10 @@ def test_ui_with_the_team_server_points_at_it_instead_of_starting_one(team_stack
     import mlflow
 
     project = make_project(tmp_path / "proj")
-    exp_id = mlflow.MlflowClient(team_stack.mlflow_url).create_experiment("softmaxlab")
+    client = mlflow.MlflowClient(team_stack.mlflow_url)
+    # The session's stack is shared: another test may have logged to "softmaxlab" already.
+    exp = client.get_experiment_by_name("softmaxlab")
+    exp_id = exp.experiment_id if exp else client.create_experiment("softmaxlab")
     out = run_cmd(["softmaxlab", "ui"], project, env_with_venv(MLFLOW_TRACKING_URI=team_stack.mlflow_url))
     link = f"{team_stack.mlflow_url}/#/experiments/{exp_id}/runs?workflowType=machine_learning"
     assert out.stdout.strip() == f"MLflow UI: the tracking server is the UI (MLFLOW_TRACKING_URI): {link}"
