@@ -100,7 +100,9 @@ def test_runs_go_to_postgresql_and_artifacts_to_s3_through_the_server(team_stack
     with pytest.raises(Exception, match="AccessDenied"):
         team.s3_client(team_stack, "team").list_objects_v2(Bucket=team.MLFLOW_BUCKET)
     # A client needs only the server's URL to read it back.
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", team_stack.mlflow_url)
+    # (set explicitly: an earlier in-process run in this worker may have set MLflow's global URI;
+    # the autouse fixture in conftest puts it back after the test)
+    mlflow.set_tracking_uri(team_stack.mlflow_url)
     for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_ENDPOINT_URL", "MLFLOW_S3_ENDPOINT_URL"):
         monkeypatch.delenv(name, raising=False)
     assert mlflow.artifacts.load_text(f"{run.info.artifact_uri}/note.txt") == "through the server"
@@ -308,7 +310,7 @@ def test_a_users_pipeline_run_on_the_auth_server_carries_no_credential(auth_stac
     )
     assert password not in out.stdout + out.stderr
     # Read back as the admin: the run is carol's, on the server, and holds no credential.
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", auth_stack.mlflow_url)
+    mlflow.set_tracking_uri(auth_stack.mlflow_url)  # MLflow's global URI wins over the env
     monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "admin")
     monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", auth_stack.secrets["admin_password"])
     client = mlflow.MlflowClient()
