@@ -67,3 +67,17 @@ def test_dvc_repro_records_the_dvc_lock_md5_and_the_remote_object(tmp_path):
         assert source_type == "s3"
         assert json.loads(source)["uri"] == f"s3://team-bucket/dvcstore/files/md5/{h[:2]}/{h[2:]}"
     assert run.data.tags["data_md5"] and run.info.status == "FINISHED"
+
+
+def test_a_dataset_another_job_inserted_first_is_told_apart_from_other_errors():
+    """The race a parallel sweep hits (two jobs log the same dataset at once; seen on a 2-node
+    Ray sweep, one job FAILED): the store's unique key on (experiment, name, digest), as sqlite
+    and PostgreSQL (through the server) word it, is retried; nothing else is."""
+    from softmaxlab.tracking import dataset_insert_race
+
+    sqlite = "(sqlite3.IntegrityError) UNIQUE constraint failed: datasets.experiment_id, datasets.name, datasets.digest"
+    postgres = 'duplicate key value violates unique constraint "dataset_pk" DETAIL: Key (experiment_id, name, digest)'
+    assert dataset_insert_race(Exception(sqlite)) and dataset_insert_race(Exception(postgres))
+    experiment = 'duplicate key value violates unique constraint "uq_experiments_workspace_name"'
+    assert not dataset_insert_race(Exception(experiment))
+    assert not dataset_insert_race(Exception("UNIQUE constraint failed: tags.key, tags.run_uuid"))

@@ -65,6 +65,14 @@ def retry_locked(fn, *args, attempts: int = 12, **kwargs):
             delay = min(delay * 2, 2.0)
 
 
+def dataset_insert_race(err: Exception) -> bool:
+    """Whether err is another job having inserted the same dataset (experiment, name, digest)
+    a moment earlier: sqlite's "UNIQUE constraint failed: datasets…", PostgreSQL's "duplicate
+    key value violates unique constraint "dataset_pk"" (through a server, in its message)."""
+    msg = str(err)
+    return "dataset" in msg and ("UNIQUE constraint failed" in msg or "violates unique constraint" in msg)
+
+
 def resolve_uri(cfg: Config) -> str:
     """cfg.tracking.uri, else $MLFLOW_TRACKING_URI, else MLflow's own default store,
     sqlite:///mlflow.db, anchored at the project root so that runs started from Hydra's
@@ -394,7 +402,16 @@ class Tracker:
                 )  # fmt: skip
                 tags = [InputTag(MLFLOW_DATASET_CONTEXT, DATA_CONTEXTS[key]), InputTag("dvc.path", rel)]
                 inputs.append(DatasetInput(dataset._to_mlflow_entity(), tags))
-        retry_locked(self.client.log_inputs, run_id, datasets=inputs)
+        # Parallel jobs (joblib, Ray) on the same data log the same dataset at once, and the
+        # store checks for it before inserting: one of them can hit the dataset's unique key
+        # (seen on a 2-node Ray sweep). Asked again, the store finds the row and links it.
+        for attempt in range(4):
+            try:
+                return retry_locked(self.client.log_inputs, run_id, datasets=inputs)
+            except Exception as err:
+                if attempt == 3 or not dataset_insert_race(err):
+                    raise
+                time.sleep(0.2 * (attempt + 1))
 
     def log_training(self, run_id: str, result: Any, cfg: Config) -> None:
         """Per-epoch curves (step = epoch), training time and device. The model is logged by
