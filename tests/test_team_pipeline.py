@@ -69,6 +69,19 @@ def the_run(client, experiment: str, **tags):
     return client.search_runs([exp.experiment_id], query)
 
 
+def sweep_id_once_job_1_logs(client, experiment: str, sweep: subprocess.Popen) -> str:
+    """Wait (up to 5 min) until the sweep's job 1 has a RUNNING run on the server: the moment
+    to break the store under it. Its sweep id."""
+    deadline = time.time() + 300
+    while time.time() < deadline and sweep.poll() is None:
+        exp = client.get_experiment_by_name(experiment)
+        runs = client.search_runs([exp.experiment_id], "tags.job_num = '1'") if exp else []
+        if runs and runs[0].info.status == "RUNNING":
+            return runs[0].data.tags["sweep_id"]
+        time.sleep(0.1)
+    raise AssertionError("job 1 never started")
+
+
 def test_two_clones_share_data_experiments_and_runs_through_the_team_stack(team_stack, tmp_path):
     from mlflow.tracking import MlflowClient
 
@@ -246,16 +259,7 @@ def test_postgres_restarting_mid_sweep_leaves_no_run_running(team_stack, tmp_pat
         cwd=project, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
     try:
-        deadline = time.time() + 300
-        sid = None
-        while time.time() < deadline and sweep.poll() is None:
-            exp = server.get_experiment_by_name(experiment)
-            runs = server.search_runs([exp.experiment_id], "tags.job_num = '1'") if exp else []
-            if runs and runs[0].info.status == "RUNNING":  # job 1 is logging
-                sid = runs[0].data.tags["sweep_id"]
-                break
-            time.sleep(0.1)
-        assert sid, "job 1 never started"
+        sid = sweep_id_once_job_1_logs(server, experiment, sweep)
         team.stop(team_stack.dir, "postgres", say=quiet)
         team.up(team_stack.dir, say=quiet)  # starts PostgreSQL again
         out, err = sweep.communicate(timeout=600)
@@ -289,16 +293,7 @@ def test_postgres_down_longer_than_the_retries_fails_the_job_with_its_error(team
         cwd=project, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
     try:
-        deadline = time.time() + 300
-        sid = None
-        while time.time() < deadline and sweep.poll() is None:
-            exp = server.get_experiment_by_name(experiment)
-            runs = server.search_runs([exp.experiment_id], "tags.job_num = '1'") if exp else []
-            if runs and runs[0].info.status == "RUNNING":
-                sid = runs[0].data.tags["sweep_id"]
-                break
-            time.sleep(0.1)
-        assert sid, "job 1 never started"
+        sid = sweep_id_once_job_1_logs(server, experiment, sweep)
         team.stop(team_stack.dir, "postgres", say=quiet)
         time.sleep(12)
         team.up(team_stack.dir, say=quiet)
