@@ -68,7 +68,7 @@ gpu-check: setup-jax
 ## run: the whole pipeline (dvc repro); a second run says it is up to date
 run: setup
 	dvc repro
-	@$(BIN)/python -m softmaxlab.tracking
+	@$(BIN)/python -m softmaxlab.tracking.tracker
 	@git diff --quiet HEAD -- dvc.lock 2>/dev/null || echo "note: dvc.lock changed: this run's model.keras, \
 	reports/train.json and report.html always differ from the committed run's (save time, MLflow run id), \
 	and other CPUs can change predictions in the last bits; commit dvc.lock to record this run \
@@ -98,7 +98,7 @@ lint: setup
 
 ## params: recompose params.yaml from conf/ (DVC does this itself on `dvc exp run`)
 params: setup
-	$(BIN)/python -m softmaxlab.config
+	$(BIN)/python -m softmaxlab.core.config
 
 ## ui: MLflow's UI on http://127.0.0.1:5000 (local only); prints the runs table's link once it answers
 ui: setup

@@ -23,9 +23,12 @@ from pathlib import Path
 os.environ.setdefault("KERAS_BACKEND", "jax")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from softmaxlab import generate, train  # noqa: E402
-from softmaxlab.config import compose, to_config  # noqa: E402
-from softmaxlab.errors import UserError  # noqa: E402
+from softmaxlab.core.config import compose, to_config  # noqa: E402
+from softmaxlab.core.errors import UserError  # noqa: E402
+from softmaxlab.stages import (
+    generate,
+    train,  # noqa: E402
+)
 
 
 def config(n: int, device: str, epochs: int, batch: int):

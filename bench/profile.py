@@ -140,7 +140,7 @@ def main() -> int:
         for s in STAGES[:1]:
             run([py, "-m", f"softmaxlab.{s}"], proj)
         try:
-            run([str(spy), "record", "-o", str(svg), "--", py, "-m", "softmaxlab.train"], proj)
+            run([str(spy), "record", "-o", str(svg), "--", py, "-m", "softmaxlab.stages.train"], proj)
             lines.append(f"py-spy flame graph of the train stage: {svg.name}")
         except (RuntimeError, OSError) as err:
             lines.append(f"py-spy failed: {str(err).strip().splitlines()[-1] if str(err).strip() else err}")

@@ -50,9 +50,9 @@ SEED = 42  # params.yaml's seed: the baseline gets the very same make_blobs data
 # with the tutorial's in-process model.fit time.
 OURS_TRAIN = r"""
 import json, numpy as np
-from softmaxlab.config import load_params
-from softmaxlab.generate import generate
-from softmaxlab.train import train
+from softmaxlab.core.config import load_params
+from softmaxlab.stages.generate import generate
+from softmaxlab.stages.train import train
 cfg = load_params("params.yaml")
 train_df, test_df = generate(cfg.data)
 r = train(cfg, train_df, test_df)

@@ -33,7 +33,7 @@ BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH))
 import run as bench  # noqa: E402  (bench/run.py: the scratch project and the machine header)
 
-from softmaxlab.processes import free_port, stop_group  # noqa: E402
+from softmaxlab.core.processes import free_port, stop_group  # noqa: E402
 
 N_SINGLE = 500
 N_BIG = 10_000
@@ -146,12 +146,12 @@ def main(argv: list[str] | None = None) -> int:
     import pandas as pd
 
     sys.path.insert(0, str(proj / "src"))
-    from softmaxlab import calibration
-    from softmaxlab.io import read_predictions
+    from softmaxlab.core import calibration
+    from softmaxlab.core.io import read_predictions
 
     rows = pd.read_parquet(proj / "data" / "test.parquet")[["x1", "x2"]].to_numpy()
     logits, raw_probs, _ = read_predictions(proj / "predictions" / "test.parquet")
-    from softmaxlab import metrics as names
+    from softmaxlab.core import metrics as names
 
     full = json.loads((proj / "reports" / "calibration" / "metrics.json").read_text())
     temperature = full[names.TEMPERATURE]

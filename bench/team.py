@@ -31,8 +31,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import run as bench  # noqa: E402  (bench/run.py: measure, make_project, SWEEP, interleave)
 
-from softmaxlab import team  # noqa: E402
-from softmaxlab.processes import free_port  # noqa: E402
+from softmaxlab.core.processes import free_port  # noqa: E402
+from softmaxlab.team import stack as team  # noqa: E402
 
 RESULTS = bench.ROOT / "bench" / "results"
 # Outputs a run leaves; unlike bench/run.py's clean, the local store stays (a user's would).

@@ -65,7 +65,7 @@ def tiny_overrides(*extra: str) -> list[str]:
 
 def compose_config(*overrides: str):
     """The real conf/ composed with overrides, as the Hydra app does, then validated."""
-    from softmaxlab.config import compose, to_config
+    from softmaxlab.core.config import compose, to_config
 
     return to_config(compose(list(overrides), with_schema=True))
 
@@ -108,7 +108,7 @@ def make_project(dest: Path, *overrides: str) -> Path:
             (dest / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(src, dest / name)
     # Always composed from conf/: the workspace's params.yaml may hold an applied experiment.
-    from softmaxlab.config import compose
+    from softmaxlab.core.config import compose
 
     cwd = os.getcwd()
     try:
@@ -131,7 +131,8 @@ def tracking_uri(tmp_path_factory) -> str:
 @pytest.fixture(scope="session")
 def trained(tmp_path_factory, tracking_uri):
     """One tiny in-process run of the whole pipeline, shared by the session's tests."""
-    from softmaxlab import pipeline, tracking
+    from softmaxlab.stages import pipeline
+    from softmaxlab.tracking import tracker as tracking
 
     cfg = compose_config(*tiny_overrides(f"tracking.uri={tracking_uri}"))
     root = tmp_path_factory.mktemp("run")
@@ -147,9 +148,9 @@ def team_services(auth: bool = False):
     stopped (by PID) and its folder removed on the way out, even when a test fails."""
     import tempfile
 
-    from softmaxlab import team
-    from softmaxlab.errors import UserError
-    from softmaxlab.processes import free_port
+    from softmaxlab.core.errors import UserError
+    from softmaxlab.core.processes import free_port
+    from softmaxlab.team import stack as team
 
     missing = team.missing_programs()
     if missing and os.environ.get("CI") != "true":
@@ -173,10 +174,10 @@ def team_services(auth: bool = False):
 
 @pytest.fixture(scope="session")
 def team_stack():
-    """One team stack per test session (per xdist worker): a `softmaxlab.team.State` with
+    """One team stack per test session (per xdist worker): a `softmaxlab.team.stack.State` with
     `.env` (the variables of .team/env: MLFLOW_TRACKING_URI, AWS_*, SOFTMAXLAB_DVC_REMOTE,
     SOFTMAXLAB_OPTUNA_STORAGE), `.ports`, `.dir`, `.mlflow_url`, `.s3_url` and
     `.postgres_url(db)` (a SQLAlchemy URL for `mlflow`, `mlflow_auth` or `optuna`).
-    `softmaxlab.team.configure_dvc(project, state.env)` points a project's DVC remote at it."""
+    `softmaxlab.team.stack.configure_dvc(project, state.env)` points a project's DVC remote at it."""
     with team_services() as state:
         yield state

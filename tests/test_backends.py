@@ -17,8 +17,8 @@ import numpy as np
 import pytest
 from conftest import ROOT, compose_config, env_with_venv, make_project, run_cmd, tiny_overrides
 
-from softmaxlab import pipeline, train
-from softmaxlab.config import fit_size
+from softmaxlab.core.config import fit_size
+from softmaxlab.stages import pipeline, train
 
 pytest.importorskip("jax", reason="the jax extra is not installed (make setup-jax)")
 
@@ -42,9 +42,10 @@ def test_jax_device_probe_says_nothing_under_an_info_logger():
 TRAIN_AND_SAVE = """
 import json, sys
 import numpy as np
-from softmaxlab.config import compose, to_config
-from softmaxlab import pipeline, train
-from softmaxlab.io import logit_columns
+from softmaxlab.core.config import compose, to_config
+from softmaxlab.stages import pipeline
+from softmaxlab.stages import train
+from softmaxlab.core.io import logit_columns
 cfg = to_config(compose({overrides!r}, with_schema=True))
 tr, te = pipeline.data_for(cfg.data)
 result = train.train(cfg, tr, te)
@@ -59,10 +60,11 @@ print(json.dumps({{"device": result.device, "backend": result.backend,
 LOAD = """
 import json, sys
 import numpy as np
-from softmaxlab import backend, train
+from softmaxlab.model import backend
+from softmaxlab.stages import train
 keras = backend.keras_module({backend!r})
-from softmaxlab.config import compose, to_config
-from softmaxlab import pipeline
+from softmaxlab.core.config import compose, to_config
+from softmaxlab.stages import pipeline
 cfg = to_config(compose({overrides!r}, with_schema=True))
 _, te = pipeline.data_for(cfg.data)
 model = train.load_model({path!r})
@@ -128,7 +130,7 @@ def test_dvc_repro_on_jax_records_its_backend(tmp_path):
 
 def test_a_process_refuses_a_second_backend_in_one_line():
     code = (
-        "from softmaxlab import backend; from softmaxlab.errors import UserError\n"
+        "from softmaxlab import backend; from softmaxlab.core.errors import UserError\n"
         "backend.keras_module('jax')\n"
         "try:\n    backend.use('tensorflow')\nexcept UserError as e:\n    print(e)\n"
     )
@@ -140,7 +142,7 @@ def test_a_process_refuses_a_second_backend_in_one_line():
 def test_jax_process_does_not_import_tensorflow():
     # Keras' set_random_seed would import TensorFlow "for tf.data" (seconds, CUDA chatter).
     code = (
-        "import sys\nfrom softmaxlab.config import compose, to_config\nfrom softmaxlab import pipeline, train\n"
+        "import sys\nfrom softmaxlab.core.config import compose, to_config\nfrom softmaxlab import pipeline, train\n"
         f"cfg = to_config(compose({tiny_overrides('train.backend=jax', 'train.epochs=1')!r}, with_schema=True))\n"
         "train.train(cfg, *pipeline.data_for(cfg.data))\n"
         "print('tensorflow' in sys.modules)\n"
@@ -189,8 +191,9 @@ def test_a_run_far_below_what_the_data_allows_says_so(tmp_path):
 
 
 PROGRESS = f"""
-from softmaxlab.config import compose, to_config
-from softmaxlab import pipeline, train
+from softmaxlab.core.config import compose, to_config
+from softmaxlab.stages import pipeline
+from softmaxlab.stages import train
 cfg = to_config(compose({tiny_overrides("tracking.enabled=false")!r}, with_schema=True))
 train.train(cfg, *pipeline.data_for(cfg.data), progress=train.show_progress())
 print("done")

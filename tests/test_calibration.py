@@ -1,4 +1,4 @@
-"""softmaxlab.calibration against hand-worked values, scikit-learn and its own scalar paths."""
+"""softmaxlab.core.calibration against hand-worked values, scikit-learn and its own scalar paths."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import pytest
 from scipy.special import softmax as scipy_softmax
 from sklearn.metrics import accuracy_score, brier_score_loss, log_loss
 
-from softmaxlab import calibration as cal
-from softmaxlab.calibration import CalibrationInputError
+from softmaxlab.core import calibration as cal
+from softmaxlab.core.calibration import CalibrationInputError
 
 EDGES = ["bin_lower", "bin_upper"]
 
@@ -327,7 +327,7 @@ def test_summarize_gives_every_metric_with_its_interval():
 
 def test_import_is_light():
     heavy = {"pandas", "scipy.optimize", "tensorflow", "matplotlib", "mlflow"}
-    code = f"import sys, softmaxlab.calibration; print(sorted({heavy!r} & set(sys.modules)))"
+    code = f"import sys, softmaxlab.core.calibration; print(sorted({heavy!r} & set(sys.modules)))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
 
@@ -391,8 +391,8 @@ def test_n_bins_must_be_positive():
 
 def test_bad_calibration_input_is_a_user_error_and_still_a_value_error():
     # The stages' entry point turns a UserError into one line and exit code 2.
-    from softmaxlab.calibration import CalibrationInputError, check_inputs
-    from softmaxlab.errors import UserError
+    from softmaxlab.core.calibration import CalibrationInputError, check_inputs
+    from softmaxlab.core.errors import UserError
 
     with pytest.raises(UserError, match="sum to 1") as err:
         check_inputs(np.array([[0.2, 0.2], [0.5, 0.5]]), np.array([0, 1]))

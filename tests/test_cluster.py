@@ -21,7 +21,7 @@ import pytest
 from conftest import ROOT, env_with_venv, make_project, run_cmd, tiny_overrides
 from test_sweep import check_parent_and_children, runs
 
-from softmaxlab.sweep import SUMMARY_COLUMNS
+from softmaxlab.sweeps.callback import SUMMARY_COLUMNS
 
 pytestmark = pytest.mark.slow
 
@@ -230,7 +230,7 @@ def test_an_optuna_database_prepared_here_is_one_optuna_2_opens_and_shares(tmp_p
     import optuna
     import sqlalchemy
 
-    from softmaxlab.cluster import prepare_optuna_storage
+    from softmaxlab.sweeps.cluster import prepare_optuna_storage
 
     url = f"sqlite:///{tmp_path / 'optuna.db'}"
     # What optuna 2.10.1 does alone on SQLAlchemy 2 (optuna issue 4375): the schema stamp
@@ -319,7 +319,7 @@ def test_the_slurm_launchers_path_runs_jobs_as_submitit_processes(tmp_path):
 def test_the_slurm_preset_submits_what_a_cluster_user_sets():
     from hydra import compose, initialize_config_dir
 
-    from softmaxlab.config import register_configs
+    from softmaxlab.core.config import register_configs
 
     register_configs()
     with initialize_config_dir(str(ROOT / "conf"), version_base=None):
@@ -328,7 +328,7 @@ def test_the_slurm_preset_submits_what_a_cluster_user_sets():
     launcher = cfg.hydra.launcher
     assert launcher._target_.endswith("SlurmLauncher")
     assert (launcher.partition, launcher.timeout_min, launcher.cpus_per_task) == ("gpu", 30, 1)
-    from softmaxlab.cluster import prepare_launcher
+    from softmaxlab.sweeps.cluster import prepare_launcher
 
     prepare_launcher(cfg, {}, cfg.train.device)
     assert launcher.gpus_per_node == 1  # a job that trains on a GPU reserves one
@@ -365,8 +365,8 @@ def test_a_sweep_on_a_one_node_slurm_cluster_runs_each_job_as_a_slurm_job(tmp_pa
 def test_the_ray_preset_gives_every_job_its_resources_and_the_sweeps_environment(device, extra, gpus):
     from hydra import compose, initialize_config_dir
 
-    from softmaxlab.cluster import ENV_CWD, ray_settings
-    from softmaxlab.config import register_configs
+    from softmaxlab.core.config import register_configs
+    from softmaxlab.sweeps.cluster import ENV_CWD, ray_settings
 
     register_configs()
     with initialize_config_dir(str(ROOT / "conf"), version_base=None):
@@ -381,5 +381,5 @@ def test_the_ray_preset_gives_every_job_its_resources_and_the_sweeps_environment
         "SOFTMAXLAB_PARENT_RUN_ID": "abc",
         ENV_CWD: os.getcwd(),
     }
-    assert ray.init.runtime_env.worker_process_setup_hook == "softmaxlab.cluster.ray_worker_setup"
+    assert ray.init.runtime_env.worker_process_setup_hook == "softmaxlab.sweeps.cluster.ray_worker_setup"
     assert ray.init.object_store_memory is None  # the plugin's 1.2.2 default is refused by a running cluster

@@ -9,8 +9,8 @@ import pytest
 from conftest import ROOT, compose_config
 from omegaconf import OmegaConf
 
-from softmaxlab.config import Config, compose, flatten, load_params, project_root, to_config
-from softmaxlab.errors import UserError
+from softmaxlab.core.config import Config, compose, flatten, load_params, project_root, to_config
+from softmaxlab.core.errors import UserError
 
 
 def committed_params() -> dict:
@@ -154,7 +154,7 @@ def project_copy(tmp_path, monkeypatch):
 
 
 def test_check_names_what_params_yaml_changes_against_conf(project_copy, monkeypatch):
-    from softmaxlab.check import drift_note
+    from softmaxlab.stages.check import drift_note
 
     params = project_copy / "params.yaml"
     params.write_text(OmegaConf.to_yaml(compose(["optimizer.lr=0.01"])))
@@ -167,7 +167,7 @@ def test_check_names_what_params_yaml_changes_against_conf(project_copy, monkeyp
 
 
 def test_adopt_writes_an_experiments_values_into_conf_keeping_comments(project_copy):
-    from softmaxlab.adopt import adopt
+    from softmaxlab.cli.adopt import adopt
 
     overrides = ["model=wide", "model.dropout=0.2", "optimizer=sgd", "seed=7", "train.epochs=12"]
     wanted = OmegaConf.to_container(compose(overrides))
@@ -193,7 +193,7 @@ def test_every_validated_key_has_a_bad_value_test():
 
     from test_faults import CASES
 
-    from softmaxlab import config
+    from softmaxlab.core import config
 
     keys = set()
     for node in ast.walk(ast.parse(inspect.getsource(config.validate))):
@@ -219,7 +219,7 @@ def test_debug_shows_the_traceback_of_a_user_error(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "SOFTMAXLAB_DEBUG"}
 
     def evaluate(**extra):
-        cmd = [sys.executable, "-m", "softmaxlab.evaluate"]
+        cmd = [sys.executable, "-m", "softmaxlab.stages.evaluate"]
         return subprocess.run(
             cmd, cwd=tmp_path, env={**env, **extra}, capture_output=True, text=True, timeout=120
         )
@@ -230,4 +230,4 @@ def test_debug_shows_the_traceback_of_a_user_error(tmp_path):
         plain.stderr.strip() == "softmaxlab: error: optimizer.lr=-1.0 is not allowed: must be in (0.0, inf)"
     )
     assert debug.returncode != 0 and "Traceback (most recent call last)" in debug.stderr
-    assert "softmaxlab.errors.UserError: optimizer.lr=-1.0" in debug.stderr
+    assert "softmaxlab.core.errors.UserError: optimizer.lr=-1.0" in debug.stderr

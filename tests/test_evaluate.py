@@ -6,9 +6,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from softmaxlab import calibration, evaluate, report
-from softmaxlab import metrics as names
-from softmaxlab.config import EvaluateConfig
+from softmaxlab.core import calibration
+from softmaxlab.core import metrics as names
+from softmaxlab.core.config import EvaluateConfig
+from softmaxlab.stages import evaluate, report
 
 
 def split(t_true: float, seed: int, n: int = 4000):

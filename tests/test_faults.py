@@ -188,10 +188,10 @@ class Case:
 
 
 DVC = ["dvc", "repro"]
-TRAIN = [sys.executable, "-m", "softmaxlab.train"]
+TRAIN = [sys.executable, "-m", "softmaxlab.stages.train"]
 APP = [sys.executable, "-m", "softmaxlab", "hydra.run.dir=hydra_out"]
-EVALUATE = [sys.executable, "-m", "softmaxlab.evaluate"]
-REPORT = [sys.executable, "-m", "softmaxlab.report"]
+EVALUATE = [sys.executable, "-m", "softmaxlab.stages.evaluate"]
+REPORT = [sys.executable, "-m", "softmaxlab.stages.report"]
 SPLIT = {"data/train.parquet"}
 GRID, TEST_PRED = "predictions/grid.parquet", "predictions/test.parquet"
 METRICS = "reports/calibration/metrics.json"
@@ -381,7 +381,7 @@ CASES = [
     Case(
         "check-typo-key",
         edit_params("train.epoch", "5"),
-        [sys.executable, "-m", "softmaxlab.check"],
+        [sys.executable, "-m", "softmaxlab.stages.check"],
         ["did you mean `train.epochs`?", "git show HEAD:params.yaml > params.yaml"],
     ),
     # a sweep whose shared settings are wrong fails once, before any job runs
@@ -534,7 +534,7 @@ def test_same_config_gives_identical_bytes_and_metrics_in_fresh_projects(tmp_pat
 def test_saved_model_loads_in_keras_safe_mode(good_project):
     import numpy as np
 
-    from softmaxlab.train import load_model
+    from softmaxlab.stages.train import load_model
 
     model = load_model(good_project / "models" / "model.keras")
     test = pd.read_parquet(good_project / "data" / "test.parquet")
@@ -546,7 +546,7 @@ def test_saved_model_loads_in_keras_safe_mode(good_project):
 def test_unsafe_model_is_refused_in_safe_mode(tmp_path):
     import keras
 
-    from softmaxlab.train import load_model
+    from softmaxlab.stages.train import load_model
 
     model = keras.Sequential([keras.Input((2,)), keras.layers.Lambda(lambda x: x * 2)])
     path = tmp_path / "unsafe.keras"
@@ -556,7 +556,7 @@ def test_unsafe_model_is_refused_in_safe_mode(tmp_path):
 
 
 def test_credentials_in_the_tracking_uri_are_never_written():
-    from softmaxlab.tracking import redact
+    from softmaxlab.tracking.tracker import redact
 
     assert redact("https://alice:s3cret@mlflow.example:5000/x") == "https://***@mlflow.example:5000/x"
     assert redact("sqlite:////tmp/mlflow.db") == "sqlite:////tmp/mlflow.db"

@@ -12,9 +12,10 @@ import pandas as pd
 import pytest
 from conftest import compose_config, tiny_overrides
 
-from softmaxlab import backend, generate, pipeline, train
-from softmaxlab import metrics as names
-from softmaxlab.io import n_classes_of, read_predictions
+from softmaxlab.core import metrics as names
+from softmaxlab.core.io import n_classes_of, read_predictions
+from softmaxlab.model import backend
+from softmaxlab.stages import generate, pipeline, train
 
 
 def test_stages_write_every_output(trained):
@@ -218,7 +219,7 @@ def test_tensorflow_start_up_noise_is_held_back_but_replayed_when_it_fails(capfd
 
 
 def test_git_dirty_tag_says_whether_tracked_files_changed(tmp_path):
-    from softmaxlab.tracking import git_state
+    from softmaxlab.tracking.tracker import git_state
 
     def git(*args):
         subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=tmp_path, check=True,
@@ -239,7 +240,7 @@ def test_nothing_from_the_environment_reaches_the_run(tmp_path, tracking_uri, mo
     # no tag, param, metric name or artifact of a run.
     import mlflow
 
-    from softmaxlab import tracking
+    from softmaxlab.tracking import tracker as tracking
 
     secrets = {"SOFTMAXLAB_TEST_TOKEN": "tok-4f1b9c2e7d", "MLFLOW_TRACKING_PASSWORD": "pw-8e3a1c55b0",
                "AWS_SECRET_ACCESS_KEY": "aws-77c0d9e1f2"}  # fmt: skip

@@ -1,4 +1,4 @@
-"""softmaxlab.processes: what the benchmarks and the server tests use to stop what they start."""
+"""softmaxlab.core.processes: what the benchmarks and the server tests use to stop what they start."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import signal
 import subprocess
 import time
 
-from softmaxlab.processes import stop_group
+from softmaxlab.core.processes import stop_group
 
 # A shell that ignores SIGTERM and SIGINT and has a child of its own (which leaves the
 # shell's group only if someone moves it: it does not), printing the child's PID.

@@ -12,8 +12,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from softmaxlab import metrics as names
-from softmaxlab.config import as_dict
+from softmaxlab.core import metrics as names
+from softmaxlab.core.config import as_dict
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 # In CI a missing browser is a failure, not a skip (.ci/run installs it).
@@ -86,8 +86,8 @@ def test_report_renders_in_headless_chromium(trained, tmp_path):
 def test_evaluation_is_recorded_in_the_run_even_when_drawing_fails(trained, tmp_path):
     # report records evaluate's metrics and tables before it draws anything: a figure that
     # cannot be drawn must not cost the run its test metrics.
-    from softmaxlab import report
-    from softmaxlab.errors import UserError
+    from softmaxlab.core.errors import UserError
+    from softmaxlab.stages import report
 
     cfg, tracker = trained["cfg"], trained["tracker"]
     root = tmp_path / "run"
@@ -105,8 +105,8 @@ def test_evaluation_is_recorded_in_the_run_even_when_drawing_fails(trained, tmp_
 
 
 def test_report_stage_draws_under_cprofile_as_bench_profile_runs_it(trained, tmp_path):
-    # `python -m cProfile -m softmaxlab.report` (bench/profile.py): __main__ is cProfile's,
-    # so the drawing process must get `draw` from softmaxlab.report, not from __main__.
+    # `python -m cProfile -m softmaxlab.stages.report` (bench/profile.py): __main__ is cProfile's,
+    # so the drawing process must get `draw` from softmaxlab.stages.report, not from __main__.
     from conftest import env_with_venv, run_cmd
     from omegaconf import OmegaConf
 
@@ -116,6 +116,14 @@ def test_report_stage_draws_under_cprofile_as_bench_profile_runs_it(trained, tmp
     params["tracking"]["enabled"] = False  # the drawing is the point; the run is not reopened
     (root / "params.yaml").write_text(OmegaConf.to_yaml(params))
     (root / "reports" / "report.html").unlink()
-    cmd = [sys.executable, "-m", "cProfile", "-o", str(tmp_path / "report.prof"), "-m", "softmaxlab.report"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "cProfile",
+        "-o",
+        str(tmp_path / "report.prof"),
+        "-m",
+        "softmaxlab.stages.report",
+    ]
     proc = run_cmd(cmd, root, env_with_venv())
     assert "report: reports/report.html" in proc.stdout and (root / "reports" / "report.html").is_file()

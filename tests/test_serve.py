@@ -19,10 +19,11 @@ import pandas as pd
 import pytest
 from conftest import compose_config, env_with_venv, make_project, run_cmd, tiny_overrides
 
-from softmaxlab import calibration, promote
-from softmaxlab import metrics as names
-from softmaxlab.io import prob_columns, read_predictions
-from softmaxlab.processes import free_port, stop_group
+from softmaxlab.core import calibration
+from softmaxlab.core import metrics as names
+from softmaxlab.core.io import prob_columns, read_predictions
+from softmaxlab.core.processes import free_port, stop_group
+from softmaxlab.serving import promote
 
 ROWS = [[15.0, 0.0], [0.0, 15.0]]
 
@@ -227,7 +228,7 @@ def test_promote_and_serve_refuse_a_missing_store_or_registered_model(tmp_path):
 
 @pytest.mark.parametrize("name", ["", "a/b", "m@champion", "-x", "x" * 101])
 def test_registered_model_name_is_validated(name):
-    from softmaxlab.errors import UserError
+    from softmaxlab.core.errors import UserError
 
     with pytest.raises(UserError, match="tracking.registered_model"):
         compose_config(f"tracking.registered_model='{name}'")
@@ -278,7 +279,8 @@ class Server:
 def two_runs(tmp_path_factory):
     """A project with two tiny runs (seeds 0 and 1) registered as versions 1 and 2 of `served`,
     on overlapping classes: there the temperature is fitted inside its bounds."""
-    from softmaxlab import pipeline, tracking
+    from softmaxlab.stages import pipeline
+    from softmaxlab.tracking import tracker as tracking
 
     overrides = tiny_overrides("data=overlap", "train.epochs=5", "tracking.registered_model=served")
     project = make_project(tmp_path_factory.mktemp("serve") / "proj", *overrides)

@@ -16,10 +16,16 @@ PACKAGE = "softmaxlab"
 SRC = ROOT / "src"
 
 
+def _file_of(module: str) -> Path:
+    """The file that defines `module`: a module's .py, or a package's __init__.py."""
+    package = SRC / Path(*module.split("."))
+    return package / "__init__.py" if package.is_dir() else package.with_suffix(".py")
+
+
 def _imported(module: str) -> set[str]:
     """Modules of the package that `module` imports anywhere (top level or inside a function:
     a stage runs those too)."""
-    path = SRC / Path(*module.split(".")).with_suffix(".py")
+    path = _file_of(module)
     found = set()
     for node in ast.walk(ast.parse(path.read_text(), str(path))):
         if isinstance(node, ast.Import):
@@ -33,16 +39,17 @@ def _imported(module: str) -> set[str]:
 
 
 def code_of(module: str) -> set[str]:
-    """The package's files that `python -m <module>` executes: the package's __init__, the
-    module and, transitively, what it imports."""
+    """The package's files that `python -m <module>` executes: the module, transitively what it
+    imports, and the __init__ of every package on the way (importing softmaxlab.core.io runs
+    softmaxlab/__init__.py and softmaxlab/core/__init__.py first)."""
     seen, todo = set(), [module]
     while todo:
         m = todo.pop()
         if m not in seen:
             seen.add(m)
             todo += _imported(m)
-    files = {f"src/{m.replace('.', '/')}.py" for m in seen}
-    return files | {f"src/{PACKAGE}/__init__.py"}
+    parts = {".".join(m.split(".")[:i]) for m in seen for i in range(1, m.count(".") + 2)}
+    return {str(_file_of(m).relative_to(ROOT)) for m in parts}
 
 
 def stages() -> dict[str, dict]:
@@ -63,6 +70,10 @@ def test_stage_depends_on_exactly_the_code_it_runs(stage):
 
 def test_the_import_walk_sees_function_level_and_from_package_imports():
     # report imports plots only inside a function, and `from softmaxlab import evaluate`.
-    files = code_of("softmaxlab.report")
-    assert {"src/softmaxlab/plots.py", "src/softmaxlab/evaluate.py", "src/softmaxlab/calibration.py"} <= files
-    assert "src/softmaxlab/train.py" not in files
+    files = code_of("softmaxlab.stages.report")
+    assert {
+        "src/softmaxlab/stages/plots.py",
+        "src/softmaxlab/stages/evaluate.py",
+        "src/softmaxlab/core/calibration.py",
+    } <= files
+    assert "src/softmaxlab/stages/train.py" not in files

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from conftest import env_with_venv, make_project, run_cmd, team_services, tiny_overrides
 
-from softmaxlab import team
+from softmaxlab.team import stack as team
 
 pytestmark = pytest.mark.slow
 
@@ -383,7 +383,7 @@ def test_down_stops_every_process_and_up_keeps_objects_and_runs(auth_stack):
 
 
 def test_missing_server_programs_are_one_line_naming_them_and_the_apt_command(tmp_path, monkeypatch):
-    from softmaxlab.errors import UserError
+    from softmaxlab.core.errors import UserError
 
     monkeypatch.setattr(team, "PG_BIN", tmp_path / "no-postgresql")
     monkeypatch.setattr(team.os, "geteuid", lambda: 1000)  # not root: nothing is installed for us

@@ -19,7 +19,7 @@ import pytest
 import yaml
 from conftest import env_with_venv, make_project, run_cmd, tiny_overrides
 
-from softmaxlab import team
+from softmaxlab.team import stack as team
 
 pytestmark = pytest.mark.slow
 OUTPUT_DIRS = ("data", "models", "predictions", "reports")

@@ -16,7 +16,7 @@ import pandas as pd
 import pytest
 from conftest import compose_config, env_with_venv, make_project, run_cmd, tiny_overrides
 
-from softmaxlab import metrics as names
+from softmaxlab.core import metrics as names
 
 pytestmark = pytest.mark.slow
 
@@ -77,7 +77,7 @@ def silent_server(silent) -> str:
 
 
 def test_silent_server_is_noticed_by_one_probe_and_runs_fall_back(silent, tmp_path, monkeypatch):
-    from softmaxlab import tracking
+    from softmaxlab.tracking import tracker as tracking
 
     cfg = compose_config(*tiny_overrides(f"tracking.uri={silent.uri}"))
     monkeypatch.chdir(tmp_path)  # the fallback store is <project root>/mlflow.db: keep it here
@@ -195,8 +195,8 @@ def test_a_sync_that_fails_half_way_leaves_nothing_running_and_the_next_one_copi
     from mlflow.entities import ViewType
     from mlflow.tracking import MlflowClient
 
-    from softmaxlab import sync
-    from softmaxlab.errors import UserError
+    from softmaxlab.core.errors import UserError
+    from softmaxlab.tracking import sync
 
     port = free_port()
     uri = f"http://127.0.0.1:{port}"
@@ -310,7 +310,7 @@ def test_credentials_reach_a_server_behind_a_login_and_are_never_shown(tmp_path)
             # 1. User info in the URI: the check and every MLflow call carry it; nothing shows it.
             with_userinfo = f"http://alice:{secret}@127.0.0.1:{front}"
             repro = run_cmd(["dvc", "repro"], project, env=env_with_venv(MLFLOW_TRACKING_URI=with_userinfo))
-            summary = run_cmd([sys.executable, "-m", "softmaxlab.tracking"], project,
+            summary = run_cmd([sys.executable, "-m", "softmaxlab.tracking.tracker"], project,
                               env=env_with_venv(MLFLOW_TRACKING_URI=with_userinfo))  # fmt: skip
             out = repro.stdout + repro.stderr + summary.stdout + summary.stderr
             assert "unreachable" not in out, out
@@ -321,12 +321,12 @@ def test_credentials_reach_a_server_behind_a_login_and_are_never_shown(tmp_path)
             # 2. MLflow's own variables, with the URI bare.
             env = env_with_venv(MLFLOW_TRACKING_URI=f"http://127.0.0.1:{front}", MLFLOW_TRACKING_USERNAME="alice",
                                 MLFLOW_TRACKING_PASSWORD=secret)  # fmt: skip
-            by_env = run_cmd([sys.executable, "-m", "softmaxlab.tracking"], project, env=env)
+            by_env = run_cmd([sys.executable, "-m", "softmaxlab.tracking.tracker"], project, env=env)
             assert "unreachable" not in by_env.stderr and "MLflow store: http://127.0.0.1:" in by_env.stdout
             # 3. A wrong password is refused by the server: the run falls back, said redacted.
             wrong = f"http://alice:wrong-{secret}@127.0.0.1:{front}"
             bad = run_cmd(
-                [sys.executable, "-m", "softmaxlab.tracking"],
+                [sys.executable, "-m", "softmaxlab.tracking.tracker"],
                 project,
                 env=env_with_venv(MLFLOW_TRACKING_URI=wrong),
             )

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from conftest import ctrl_c_reaches_it, env_with_venv, make_project, tiny_overrides
 
-from softmaxlab.processes import free_port, stop_group
+from softmaxlab.core.processes import free_port, stop_group
 
 pytestmark = pytest.mark.slow
 

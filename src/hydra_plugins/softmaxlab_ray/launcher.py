@@ -44,7 +44,7 @@ class RayLauncher(PluginRayLauncher or object):
         log.info(
             f"Ray Launcher is launching {len(job_overrides)} jobs, sweep output dir: {self.config.hydra.sweep.dir}"
         )
-        start_ray(self.ray_cfg.init)  # already started by softmaxlab.cluster.prepare_launcher
+        start_ray(self.ray_cfg.init)  # already started by softmaxlab.sweeps.cluster.prepare_launcher
         launched = []
         for idx, overrides in enumerate(job_overrides, start=initial_job_idx):
             log.info(f"\t#{idx} : {' '.join(filter_overrides(overrides))}")
@@ -67,13 +67,13 @@ class RayLauncher(PluginRayLauncher or object):
 
 
 def _lost_job(idx: int, overrides: list[str], err: Exception) -> JobReturn:
-    from softmaxlab import sweep
+    from softmaxlab.sweeps import callback as sweep
 
     why = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
     shown = " ".join(o for o in filter_overrides(overrides) if not o.startswith(("sweep=", "launcher=")))
     print(f"softmaxlab: error: job {idx} ({shown}): Ray lost its worker: {why}", file=sys.stderr, flush=True)
     sweep.fail_lost_job(idx, shown, f"Ray lost its worker: {type(err).__name__}: {why}")
-    # Completed with no objective, as a job that fails in Python returns (softmaxlab.__main__.job).
+    # Completed with no objective, as a job that fails in Python returns (softmaxlab.cli.app.job).
     ret = JobReturn(overrides=overrides, status=JobStatus.COMPLETED)
     ret.return_value = float("nan")
     return ret

@@ -15,11 +15,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from softmaxlab import calibration, tracking
-from softmaxlab import metrics as names
-from softmaxlab.config import Config, EvaluateConfig, load_params
-from softmaxlab.errors import entry_point
-from softmaxlab.io import read_json, read_output, read_predictions, write_json, write_table
+from softmaxlab.core import calibration
+from softmaxlab.core import metrics as names
+from softmaxlab.core.config import Config, EvaluateConfig, load_params
+from softmaxlab.core.errors import entry_point
+from softmaxlab.core.io import read_json, read_output, read_predictions, write_json, write_table
+from softmaxlab.tracking import tracker as tracking
 
 Split = tuple[np.ndarray, np.ndarray, np.ndarray]  # logits, probs, labels
 # Every metric evaluate computed, at full precision and under the names MLflow records,
@@ -30,7 +31,7 @@ TABLES = ("reliability", "reliability_ts", "classwise")
 
 @dataclass
 class EvalResult:
-    metrics: dict[str, float]  # names from softmaxlab.metrics: test/accuracy, test_ts_ci/ece_low, ...
+    metrics: dict[str, float]  # names from softmaxlab.core.metrics: test/accuracy, test_ts_ci/ece_low, ...
     temperature: float
     tables: dict[str, pd.DataFrame]  # reliability, reliability_ts, classwise
 

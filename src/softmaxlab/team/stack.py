@@ -44,7 +44,7 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from softmaxlab.errors import UserError
+from softmaxlab.core.errors import UserError, first_line
 
 HOST = "127.0.0.1"
 # Fixed defaults, so a teammate's .team/env stays the same from one `team up` to the next;
@@ -76,7 +76,7 @@ def port_variable(name: str) -> str:
 def default_dir() -> Path:
     if os.environ.get("SOFTMAXLAB_TEAM_DIR"):
         return Path(os.environ["SOFTMAXLAB_TEAM_DIR"]).resolve()
-    from softmaxlab.config import project_root
+    from softmaxlab.core.config import project_root
 
     return project_root() / ".team"
 
@@ -973,7 +973,7 @@ def _auth_call(what: str, fn):
                 "is MLFLOW_AUTH_ADMIN_PASSWORD, or .team/secrets.json's admin_password"
             ) from None
         # MLflow's message, without the database error it may carry after " Error: ".
-        raise UserError(f"{what}: {str(err).splitlines()[0].split(' Error: ')[0]}") from None
+        raise UserError(f"{what}: {first_line(err).split(' Error: ')[0]}") from None
 
 
 def add_user(state: State, name: str, password: str | None = None) -> str:
@@ -1028,7 +1028,7 @@ usage: softmaxlab team up [--auth|--no-auth] | down | status | add-user NAME | g
 
 
 def team_cli(args: list[str]) -> None:
-    from softmaxlab.config import project_root
+    from softmaxlab.core.config import project_root
 
     if not args or args[0] in ("-h", "--help"):
         print(USAGE)

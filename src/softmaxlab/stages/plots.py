@@ -13,7 +13,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from softmaxlab.io import FEATURES, n_classes_of, prob_columns  # noqa: E402
+from softmaxlab.core.io import FEATURES, n_classes_of, prob_columns  # noqa: E402
 
 CMAP = plt.get_cmap("tab10")
 # Scatter plots draw at most this many points: beyond it they add ink and seconds, not

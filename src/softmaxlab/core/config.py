@@ -17,8 +17,8 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from softmaxlab.errors import UserError
-from softmaxlab.metrics import DEFAULT_OBJECTIVE, OBJECTIVES
+from softmaxlab.core.errors import UserError, first_line
+from softmaxlab.core.metrics import DEFAULT_OBJECTIVE, OBJECTIVES
 
 PROJECT_MARKERS = ("dvc.yaml", "conf")
 
@@ -34,7 +34,7 @@ INITIALIZERS = (
 OPTIMIZERS = ("adam", "sgd", "rmsprop")
 LOSSES = ("categorical_crossentropy", "categorical_focal_crossentropy")
 DEVICES = ("auto", "cpu", "gpu")
-BACKENDS = ("tensorflow", "jax")  # softmaxlab.backend.BACKENDS; here so validation imports no Keras
+BACKENDS = ("tensorflow", "jax")  # softmaxlab.model.backend.BACKENDS; here so validation imports no Keras
 EARLY_STOPPING_MONITORS = ("val_loss", "val_accuracy", "loss", "accuracy")
 
 
@@ -122,7 +122,7 @@ class PathsConfig:
     figures: str = "reports/figures"
     report: str = "reports/report.html"
     # The check stage's marker: the first stages depend on it, so a bad params.yaml stops
-    # `dvc repro` before any output is removed (softmaxlab.check).
+    # `dvc repro` before any output is removed (softmaxlab.stages.check).
     checked: str = "reports/params.ok"
 
 
@@ -148,7 +148,7 @@ def register_configs() -> None:
 
 
 def _one_line(err: OmegaConfBaseException) -> str:
-    msg = str(getattr(err, "msg", err)).strip().splitlines()[0]
+    msg = first_line(getattr(err, "msg", err))
     key = getattr(err, "full_key", None)
     return f"{key}: {msg}" if key else msg
 
@@ -217,7 +217,7 @@ def load_params(path: str | os.PathLike = "params.yaml") -> Config:
     try:
         raw = OmegaConf.load(path)
     except Exception as err:  # yaml errors come in many classes; all mean a broken file
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        first = first_line(err)
         raise UserError(f"{path}: not valid YAML ({first})") from err
     if not isinstance(raw, DictConfig):
         raise UserError(f"{path}: expected a mapping of parameters, got {type(raw).__name__}")
@@ -381,7 +381,7 @@ def drift(params: str | os.PathLike) -> list[tuple[str, Any, Any]]:
 
 def write_params(path: str | os.PathLike | None = None) -> Path:
     """(Re)write params.yaml from conf/ — `make params`."""
-    from softmaxlab.io import write_text
+    from softmaxlab.core.io import write_text
 
     path = Path(path or project_root() / "params.yaml")
     # Without the schema, as DVC composes it: the same values in the same key order.

@@ -20,7 +20,7 @@ import time
 import urllib.request
 from pathlib import Path
 
-from softmaxlab.errors import UserError
+from softmaxlab.core.errors import UserError, first_line
 
 HOST = "127.0.0.1"
 DEFAULT_PORT = 5000
@@ -48,9 +48,9 @@ def remote_link(uri: str, experiment: str) -> str:
     from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
 
-    from softmaxlab import tracking
+    from softmaxlab.tracking import tracker as tracking
 
-    why = tracking._reachable(uri)
+    why = tracking.reachable(uri)
     if why:
         raise UserError(
             f"the tracking server {tracking.redact(uri)} (MLFLOW_TRACKING_URI or tracking.uri) does not "
@@ -64,7 +64,7 @@ def remote_link(uri: str, experiment: str) -> str:
                 f"the tracking server {tracking.redact(uri)} refused the credentials: set "
                 "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD (`source .team/env`, or your user's)"
             ) from None
-        raise UserError(f"the tracking server {tracking.redact(uri)}: {str(err).splitlines()[0]}") from None
+        raise UserError(f"the tracking server {tracking.redact(uri)}: {first_line(err)}") from None
     base = tracking.redact(uri).rstrip("/")
     return tracking.runs_table_url(exp.experiment_id, base) if exp else f"{base}/#/experiments"
 
@@ -72,8 +72,8 @@ def remote_link(uri: str, experiment: str) -> str:
 def serve(port: int = DEFAULT_PORT, log: Path | None = None) -> int:
     """Start `mlflow ui` on the project's store, print the link once it answers, and wait
     for it (Ctrl-C stops it). Returns the server's exit code."""
-    from softmaxlab import tracking
-    from softmaxlab.config import load_params, project_root
+    from softmaxlab.core.config import load_params, project_root
+    from softmaxlab.tracking import tracker as tracking
 
     root = project_root()
     cfg = load_params(root / "params.yaml")

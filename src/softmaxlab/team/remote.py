@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from softmaxlab.errors import UserError
+from softmaxlab.core.errors import UserError
 
 SOURCE_HINT = "`source .team/env` (or the env file your team shares)"
 
@@ -88,7 +88,7 @@ def _client_config():
 
 def dvc_cli(command: str, args: list[str]) -> None:
     """softmaxlab push|pull [ARGS]: check the default remote, then `dvc <command> ARGS`."""
-    from softmaxlab.config import project_root
+    from softmaxlab.core.config import project_root
 
     root = project_root()
     remote = default_remote(root)
@@ -111,3 +111,11 @@ def dvc_cli(command: str, args: list[str]) -> None:
             sys.exit(1)
     dvc = Path(sys.executable).parent / "dvc"
     sys.exit(subprocess.run([str(dvc) if dvc.exists() else "dvc", command, *args], cwd=root).returncode)
+
+
+def push_cli(args: list[str]) -> None:
+    dvc_cli("push", args)
+
+
+def pull_cli(args: list[str]) -> None:
+    dvc_cli("pull", args)

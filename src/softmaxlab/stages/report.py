@@ -18,11 +18,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from softmaxlab import evaluate
-from softmaxlab import metrics as names
-from softmaxlab.config import Config, as_dict, load_params
-from softmaxlab.errors import entry_point
-from softmaxlab.io import (
+from softmaxlab.core import metrics as names
+from softmaxlab.core.config import Config, as_dict, load_params
+from softmaxlab.core.errors import entry_point
+from softmaxlab.core.io import (
     FEATURES,
     prob_columns,
     read_grid,
@@ -33,6 +32,7 @@ from softmaxlab.io import (
     save_figure,
     write_text,
 )
+from softmaxlab.stages import evaluate
 
 
 def _interval(m: dict[str, float], key: str, scaled: bool = False) -> str:
@@ -44,7 +44,7 @@ def _interval(m: dict[str, float], key: str, scaled: bool = False) -> str:
 
 def make_figures(cfg: Config, root: Path, metrics: dict[str, float], tables: dict[str, pd.DataFrame]):
     """Every figure of a run, from the stages' files and evaluate's metrics and tables."""
-    from softmaxlab import plots
+    from softmaxlab.stages import plots
 
     k = len(cfg.data.centers)
     train = read_split(root / cfg.paths.train_data, k)
@@ -221,8 +221,8 @@ def log_calibrated_model(
     from mlflow.models import ModelSignature
     from mlflow.types import ColSpec, Schema
 
-    from softmaxlab import serve_model
-    from softmaxlab.tracking import retry_locked
+    from softmaxlab.serving import serve_model
+    from softmaxlab.tracking.tracker import retry_locked
 
     classes = prob_columns(n_classes)
     signature = ModelSignature(
@@ -304,7 +304,7 @@ def run(cfg: Config, root: Path, tracker=None, run_id: str | None = None, stage:
     process while this one imports MLflow, reopens the run train opened and records into it
     (matplotlib and MLflow each take seconds to import; on two cores they overlap), and the
     run is marked FINISHED at the end: report is the pipeline's last stage."""
-    from softmaxlab import tracking
+    from softmaxlab.tracking import tracker as tracking
 
     metrics, tables = evaluate.read(cfg, root)
     info_path = root / cfg.paths.train_info
@@ -364,9 +364,10 @@ def train_info(cfg: Config, root: Path = Path(".")) -> dict:
 def main() -> None:
     """The DVC stage: run() as the pipeline's last stage; a failure is recorded in the run."""
     # Through the module by its name, not __main__'s copy: the drawing process is handed
-    # `draw` by reference, and under `python -m cProfile -m softmaxlab.report`
+    # `draw` by reference, and under `python -m cProfile -m softmaxlab.stages.report`
     # (bench/profile.py) __main__ is cProfile, where there is no `draw` to look up.
-    from softmaxlab import report, tracking
+    from softmaxlab.stages import report
+    from softmaxlab.tracking import tracker as tracking
 
     cfg = load_params()
     with tracking.failure_recorded(cfg, "report"):

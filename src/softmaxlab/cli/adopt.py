@@ -20,8 +20,8 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
-from softmaxlab.config import compose, leaves, project_root
-from softmaxlab.errors import UserError
+from softmaxlab.core.config import compose, leaves, project_root
+from softmaxlab.core.errors import UserError
 
 SKIP_GROUPS = ("schema", "sweep", "hydra")
 
@@ -62,7 +62,7 @@ def _diff(have: dict, want: dict) -> dict[str, Any]:
 
 def adopt(root: Path | None = None) -> list[str]:
     """Write params.yaml's values into conf/; returns one line per change made."""
-    from softmaxlab.config import write_params
+    from softmaxlab.core.config import write_params
 
     root = root or project_root()
     conf, params_path = root / "conf", root / "params.yaml"

@@ -21,9 +21,9 @@ from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from softmaxlab import cluster
-from softmaxlab import metrics as names
-from softmaxlab.errors import UserError
+from softmaxlab.core import metrics as names
+from softmaxlab.core.errors import UserError, first_line
+from softmaxlab.sweeps import cluster
 
 ENV_PARENT = "SOFTMAXLAB_PARENT_RUN_ID"
 ENV_SWEEP = "SOFTMAXLAB_SWEEP_ID"
@@ -62,7 +62,7 @@ def record_failed_job(job_num: int, overrides: str, error: str) -> None:
         return
     from mlflow.tracking import MlflowClient
 
-    from softmaxlab.tracking import retry_locked
+    from softmaxlab.tracking.tracker import retry_locked
 
     experiment_id, uri = store.split(" ", 1)
     client = MlflowClient(uri)
@@ -83,7 +83,7 @@ def fail_lost_job(job_num: int, overrides: str, error: str) -> None:
         return
     from mlflow.tracking import MlflowClient
 
-    from softmaxlab.tracking import retry_locked
+    from softmaxlab.tracking.tracker import retry_locked
 
     experiment_id, uri = store.split(" ", 1)
     client = MlflowClient(uri)
@@ -99,7 +99,7 @@ def fail_lost_job(job_num: int, overrides: str, error: str) -> None:
 
 
 def _job_config(config: DictConfig):
-    from softmaxlab.config import to_config
+    from softmaxlab.core.config import to_config
 
     return to_config({k: v for k, v in config.items() if k != "hydra"})
 
@@ -108,8 +108,9 @@ class SweepCallback(Callback):
     """Registered in conf/config.yaml under hydra.callbacks."""
 
     def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
-        from softmaxlab import backend, tracking
-        from softmaxlab.errors import fail
+        from softmaxlab.core.errors import fail
+        from softmaxlab.model import backend
+        from softmaxlab.tracking import tracker as tracking
 
         try:
             cfg = _job_config(config)
@@ -150,7 +151,7 @@ class SweepCallback(Callback):
 
     @staticmethod
     def _open_parent(config: DictConfig, cfg, tracker, sid: str) -> None:
-        from softmaxlab import tracking
+        from softmaxlab.tracking import tracker as tracking
 
         tags = {
             "sweep_id": sid,
@@ -192,7 +193,7 @@ class SweepCallback(Callback):
         )
 
     def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
-        from softmaxlab import tracking
+        from softmaxlab.tracking import tracker as tracking
 
         parent = _state["parent"]
         if parent is None:
@@ -251,7 +252,7 @@ def check_jobs(config: DictConfig) -> None:
     job 5 fails the sweep at once, in one line, and leaves no run behind."""
     from hydra.core.global_hydra import GlobalHydra
 
-    from softmaxlab.__main__ import one_line
+    from softmaxlab.core.compose_errors import one_line
 
     loader = GlobalHydra.instance().config_loader()
     for num, job in enumerate(sweep_jobs(config)):
@@ -295,7 +296,7 @@ def check_direction(objective: str, direction) -> None:
 
 
 def tracking_link(tracker) -> str:
-    from softmaxlab.tracking import runs_table_url
+    from softmaxlab.tracking.tracker import runs_table_url
 
     return runs_table_url(tracker.experiment_id)
 
@@ -308,7 +309,7 @@ def settle(tracker) -> bool:
     say, its database restarting; then end the runs it could not end at the time (with their
     errors) and record the jobs it could not record. False if it is still failing: then one
     line says which runs stay RUNNING."""
-    from softmaxlab import tracking
+    from softmaxlab.tracking import tracker as tracking
 
     deadline, said = time.monotonic() + STORE_WAIT_S, False
     while True:
@@ -318,11 +319,9 @@ def settle(tracker) -> bool:
         except Exception as err:
             if not tracking.is_tracking_error(err):
                 raise
-            why = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            why = first_line(err)
             if time.monotonic() > deadline:
-                left = [r for _, r, _, _ in tracking._stranded] + (
-                    [_state["parent"][1]] if _state["parent"] else []
-                )
+                left = tracking.stranded_runs() + ([_state["parent"][1]] if _state["parent"] else [])
                 print(f"softmaxlab: warning: tracking store {tracking.redact(tracker.uri)} still fails ({why}): "
                       f"runs {', '.join(left)} stay RUNNING; end them FAILED in the UI or with "
                       "MlflowClient().set_terminated", file=sys.stderr, flush=True)  # fmt: skip
@@ -346,7 +345,7 @@ def defer_failed_job(job_num: int, overrides: str, error: str) -> None:
 def close_parent() -> None:
     """End the parent run: FINISHED if every child finished, else FAILED. Also runs when the
     sweep itself was aborted, so the parent is never left RUNNING."""
-    from softmaxlab.tracking import end_stranded, server_lost
+    from softmaxlab.tracking.tracker import end_stranded, server_lost
 
     parent = _state["parent"]
     if parent is None:
@@ -369,7 +368,7 @@ def close_parent() -> None:
 def search_children(tracker, sid: str) -> pd.DataFrame:
     import mlflow
 
-    from softmaxlab.tracking import use_uri
+    from softmaxlab.tracking.tracker import use_uri
 
     use_uri(tracker.uri)  # a job that fell back moved the process-wide URI
     df = mlflow.search_runs(
@@ -416,7 +415,7 @@ def format_number(v) -> str:
 def accuracy_vs_ece(table: pd.DataFrame, title: str):
     import matplotlib.pyplot as plt
 
-    from softmaxlab import plots  # noqa: F401  (sets the Agg backend)
+    from softmaxlab.stages import plots  # noqa: F401  (sets the Agg backend)
 
     fig, ax = plt.subplots(figsize=(7, 5))
     done = table.dropna(subset=["accuracy", "ece"])
@@ -442,8 +441,8 @@ def accuracy_vs_ece(table: pd.DataFrame, title: str):
 def write_summary(
     tracker, sid: str, out_dir: Path, parent_run_id: str | None, objective: str = names.DEFAULT_OBJECTIVE
 ) -> pd.DataFrame:
-    from softmaxlab.io import save_figure, write_table, write_text
-    from softmaxlab.tracking import redact
+    from softmaxlab.core.io import save_figure, write_table, write_text
+    from softmaxlab.tracking.tracker import redact
 
     children = search_children(tracker, sid)
     if children.empty:
@@ -496,8 +495,8 @@ def record_best(tracker, parent_run_id: str, table: pd.DataFrame, objective: str
 
 def summarize_cli(args: list[str]) -> None:
     """softmaxlab summarize SWEEP_ID [OUT_DIR]: rebuild a past sweep's summary."""
-    from softmaxlab import tracking
-    from softmaxlab.config import load_params, project_root
+    from softmaxlab.core.config import load_params, project_root
+    from softmaxlab.tracking import tracker as tracking
 
     if not args or len(args) > 2:
         raise UserError("usage: softmaxlab summarize SWEEP_ID [OUT_DIR]")

@@ -14,8 +14,8 @@ import datetime as dt
 import math
 from dataclasses import dataclass
 
-from softmaxlab import metrics as names
-from softmaxlab.errors import UserError
+from softmaxlab.core import metrics as names
+from softmaxlab.core.errors import UserError, first_line
 
 ALIAS = "champion"
 # The run metrics the rule reads: the final epoch's validation accuracy (training curves),
@@ -149,20 +149,20 @@ def open_store(cfg) -> tuple[object, str]:
 
     from mlflow.tracking import MlflowClient
 
-    from softmaxlab.tracking import _reachable, redact, resolve_uri
+    from softmaxlab.tracking.tracker import reachable, redact, resolve_uri
 
     uri = resolve_uri(cfg)
     if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file():
         raise UserError(f"no MLflow tracking store at {uri}: run the pipeline first (`make run`)")
-    why = _reachable(uri) if uri.startswith(("http://", "https://")) else None
+    why = reachable(uri) if uri.startswith(("http://", "https://")) else None
     if why:
         raise UserError(f"MLflow server {redact(uri)} is unreachable ({why})")
     return MlflowClient(uri), uri
 
 
 def promote_cli(args: list[str]) -> None:
-    from softmaxlab.config import load_params, project_root
-    from softmaxlab.tracking import redact, redact_text
+    from softmaxlab.core.config import load_params, project_root
+    from softmaxlab.tracking.tracker import redact, redact_text
 
     parser = argparse.ArgumentParser(
         prog="softmaxlab promote",
@@ -178,7 +178,7 @@ def promote_cli(args: list[str]) -> None:
     except UserError:
         raise
     except Exception as err:  # a damaged store, a server error: say which, in one line
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        first = first_line(err)
         raise UserError(
             f"MLflow tracking store {redact(uri)} is not usable: {redact_text(first, uri)}"
         ) from err

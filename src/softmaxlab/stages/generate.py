@@ -12,9 +12,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from softmaxlab.config import Config, DataConfig, load_params
-from softmaxlab.errors import entry_point
-from softmaxlab.io import FEATURES, write_table
+from softmaxlab.core.config import Config, DataConfig, load_params
+from softmaxlab.core.errors import entry_point
+from softmaxlab.core.io import FEATURES, write_table
 
 
 def generate(data: DataConfig) -> tuple[pd.DataFrame, pd.DataFrame]:

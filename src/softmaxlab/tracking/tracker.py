@@ -19,8 +19,8 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from softmaxlab.config import Config, flatten, project_root
-from softmaxlab.errors import UserError
+from softmaxlab.core.config import Config, flatten, project_root
+from softmaxlab.core.errors import UserError, first_line
 
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
 # Under `dvc repro` a run is opened by train and completed by report, in separate processes.
@@ -139,7 +139,7 @@ def _health_request(uri: str):
 _down: dict[str, str] = {}
 
 
-def _reachable(uri: str, fresh: bool = False) -> str | None:
+def reachable(uri: str, fresh: bool = False) -> str | None:
     """None if an http(s) tracking server answers /health in time, else why not. A server
     found down stays down for this process unless `fresh` (sync: the point is that it's back)."""
     import urllib.error
@@ -171,7 +171,7 @@ def server_lost(tracker: Tracker | None) -> str | None:
     for the rest of this process), or None if it still answers or the store is local."""
     if tracker is None or not is_remote(tracker.uri):
         return None
-    return _reachable(tracker.uri, fresh=True)
+    return reachable(tracker.uri, fresh=True)
 
 
 def is_tracking_error(err: BaseException) -> bool:
@@ -385,7 +385,7 @@ class Tracker:
         from mlflow.entities import DatasetInput, InputTag
         from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
 
-        from softmaxlab.io import file_md5
+        from softmaxlab.core.io import file_md5
 
         inputs = []
         with warnings.catch_warnings():
@@ -418,7 +418,7 @@ class Tracker:
         the report stage, calibrated (report.log_calibrated_model), once T is fitted."""
         from mlflow.entities import Metric
 
-        from softmaxlab.metrics import CURVES, TRAIN_SECONDS
+        from softmaxlab.core.metrics import CURVES, TRAIN_SECONDS
 
         now = int(time.time() * 1000)
         curves = [
@@ -478,6 +478,11 @@ def end_stranded() -> list[str]:
             client.set_terminated(run_id, status)
         except Exception:
             _stranded.append(entry)  # the next call tries again
+    return stranded_runs()
+
+
+def stranded_runs() -> list[str]:
+    """The ids of the runs still waiting for end_stranded()."""
     return [run_id for _, run_id, _, _ in _stranded]
 
 
@@ -498,7 +503,7 @@ def connect(cfg: Config) -> Tracker | None:
         # and a job whose server died mid-run falls back in seconds, not minutes (see
         # __main__.job). A value the user set wins.
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "4")
-        why = _reachable(uri)
+        why = reachable(uri)
         if why:
             fallback_from = uri
             uri = f"sqlite:///{project_root() / 'mlflow.db'}"
@@ -517,7 +522,7 @@ def connect(cfg: Config) -> Tracker | None:
     except Exception as err:
         if refused := credentials_error(err, uri, cfg.tracking.experiment):
             raise refused from None
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        first = first_line(err)
         raise UserError(
             f"MLflow tracking store {redact(uri)} is not usable: {redact_text(first, uri)}"
         ) from err
@@ -561,7 +566,7 @@ def prepare_store(cfg: Config) -> subprocess.Popen | None:
     uri = resolve_uri(cfg)
     if not uri.startswith("sqlite:///") or Path(uri.removeprefix("sqlite:///")).exists():
         return None
-    code = "import sys; from softmaxlab.tracking import ensure_experiment; ensure_experiment(*sys.argv[1:])"
+    code = "import sys; from softmaxlab.tracking.tracker import ensure_experiment; ensure_experiment(*sys.argv[1:])"
     return subprocess.Popen(
         [sys.executable, "-c", code, uri, cfg.tracking.experiment],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
@@ -597,7 +602,7 @@ def failure_recorded(cfg: Config, stage: str) -> Iterator[None]:
 
 
 def _record_failure(cfg: Config, stage: str, err: BaseException) -> None:
-    from softmaxlab.io import read_json
+    from softmaxlab.core.io import read_json
 
     info_path = Path(cfg.paths.train_info)  # the stage's own workspace: DVC runs it there
     if not info_path.is_file():
@@ -634,8 +639,8 @@ def reopen(cfg: Config, train_info: dict) -> tuple[Tracker | None, str | None]:
 
 def main() -> None:
     """Print where the runs are and how to look at them (the end of `make run`)."""
-    from softmaxlab.config import load_params
-    from softmaxlab.errors import fail
+    from softmaxlab.core.config import load_params
+    from softmaxlab.core.errors import fail
 
     try:
         cfg = load_params(project_root() / "params.yaml")

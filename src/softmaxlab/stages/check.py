@@ -16,9 +16,9 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from softmaxlab.config import drift, load_params, project_root
-from softmaxlab.errors import UserError, entry_point
-from softmaxlab.io import write_text
+from softmaxlab.core.config import drift, load_params, project_root
+from softmaxlab.core.errors import UserError, entry_point
+from softmaxlab.core.io import write_text
 
 MARKER_TEXT = "params.yaml passed softmaxlab's validation\n"
 # Not `git checkout HEAD -- params.yaml`: after a failed `dvc exp run -S optimizer.lr=-0.01`

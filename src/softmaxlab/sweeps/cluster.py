@@ -16,7 +16,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from softmaxlab.errors import UserError
+from softmaxlab.core.errors import UserError, first_line
 
 # The plugin's own (hydra/launcher=ray) and ours, which launcher=ray uses
 # (src/hydra_plugins/softmaxlab_ray/launcher.py).
@@ -68,7 +68,7 @@ def ray_settings(config: DictConfig, env: dict[str, str], device: str) -> None:
         runtime_env = init.get("runtime_env") or {}
         env_vars = {**(runtime_env.get("env_vars") or {}), **env, ENV_CWD: os.getcwd()}
         init.runtime_env = {
-            "worker_process_setup_hook": "softmaxlab.cluster.ray_worker_setup", **runtime_env,
+            "worker_process_setup_hook": "softmaxlab.sweeps.cluster.ray_worker_setup", **runtime_env,
             "env_vars": env_vars,
         }  # fmt: skip
         if remote.get("num_gpus") is None:
@@ -93,7 +93,7 @@ def _ray_error(err: BaseException) -> str:
     the first line of the error, and the last exception line inside it, up to its first
     sentence (e.g. `InvalidAuthToken: Authentication token is missing or incorrect`)."""
     text = "\n".join(str(e) for e in (err, err.__cause__) if e is not None)
-    first = text.strip().splitlines()[0] if text.strip() else type(err).__name__
+    first = first_line(text) or type(err).__name__
     raised = [
         line.strip() for line in text.splitlines() if re.match(r"[\w.]+(Error|Exception): ", line.strip())
     ]
@@ -165,7 +165,7 @@ def prepare_optuna_storage(url: str, attempts: int = 10) -> None:
             except sqlalchemy.exc.OperationalError as err:
                 # sqlite: a busy database, or a table another sweep just created: try again.
                 if "locked" not in str(err) and "already exists" not in str(err):
-                    first = str(err.orig or err).strip().splitlines()[0]
+                    first = first_line(err.orig or err)
                     raise UserError(f"Optuna storage {_redact(url)} is not usable: {first}") from err
                 if attempt == attempts - 1:
                     raise

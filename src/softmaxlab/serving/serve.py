@@ -17,8 +17,8 @@ import shlex
 import sys
 from pathlib import Path
 
-from softmaxlab.errors import UserError
-from softmaxlab.promote import ALIAS, open_store
+from softmaxlab.core.errors import UserError
+from softmaxlab.serving.promote import ALIAS, open_store
 
 HOST = "127.0.0.1"
 
@@ -28,7 +28,7 @@ def example_rows(cfg, root: Path) -> list[list[float]]:
     data has been generated here."""
     import pandas as pd
 
-    from softmaxlab.io import FEATURES
+    from softmaxlab.core.io import FEATURES
 
     test = root / cfg.paths.test_data
     if test.is_file():
@@ -37,7 +37,7 @@ def example_rows(cfg, root: Path) -> list[list[float]]:
 
 
 def curl_command(port: int, rows: list[list[float]]) -> str:
-    from softmaxlab.io import FEATURES
+    from softmaxlab.core.io import FEATURES
 
     payload = json.dumps({"dataframe_split": {"columns": list(FEATURES), "data": rows}})
     return (
@@ -64,8 +64,8 @@ def resolve(client, name: str, version: int | None):
 
 
 def serve_cli(args: list[str]) -> None:
-    from softmaxlab.config import load_params, project_root
-    from softmaxlab.tracking import redact
+    from softmaxlab.core.config import load_params, project_root
+    from softmaxlab.tracking.tracker import redact
 
     parser = argparse.ArgumentParser(prog="softmaxlab serve", description=__doc__.split("\n\n")[0])
     parser.add_argument("--port", type=int, default=5001, help="port on 127.0.0.1 (default 5001)")

@@ -31,7 +31,7 @@ import tempfile
 from collections.abc import Callable
 from typing import Any
 
-from softmaxlab.errors import UserError, debug
+from softmaxlab.core.errors import UserError, debug
 
 BACKENDS = ("tensorflow", "jax")
 # What each backend needs installed, and how to get it.

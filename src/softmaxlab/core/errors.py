@@ -19,6 +19,15 @@ class UserError(Exception):
     """Bad input the user can fix: config, data file, environment."""
 
 
+def first_line(err: BaseException | str) -> str:
+    """The first line of an error's message (or of a text), or the error's type when it has none:
+    what a one-line report of a library's multi-line error shows."""
+    text = str(err).strip()
+    if text:
+        return text.splitlines()[0]
+    return type(err).__name__ if isinstance(err, BaseException) else ""
+
+
 def debug() -> bool:
     return os.environ.get("SOFTMAXLAB_DEBUG", "").lower() in ("1", "true", "yes")
 

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pandas as pd
 
-from softmaxlab import evaluate, generate, report, train
-from softmaxlab.config import Config, DataConfig
-from softmaxlab.metrics import TRAIN_SECONDS
+from softmaxlab.core.config import Config, DataConfig
+from softmaxlab.core.metrics import TRAIN_SECONDS
+from softmaxlab.stages import evaluate, generate, report, train
 
 # Data per data config (its seed included), so a sweep generates each data set once.
 _DATA_CACHE: dict[str, tuple[pd.DataFrame, pd.DataFrame]] = {}
@@ -38,7 +38,7 @@ def run(
 ) -> dict[str, float]:
     """generate -> train -> evaluate -> report under `root`; returns the metrics (and the
     train stage's warning, if any, under "warning"). `progress`: Keras' progress bar."""
-    from softmaxlab.tracking import maybe_run
+    from softmaxlab.tracking.tracker import maybe_run
 
     root = Path(root)
     # Every stage runs inside the block: the run ends FINISHED or FAILED with it.

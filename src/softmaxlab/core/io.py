@@ -18,8 +18,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from softmaxlab.errors import UserError
-from softmaxlab.metrics import CURVES
+from softmaxlab.core.errors import UserError
+from softmaxlab.core.metrics import CURVES
 
 FEATURES = ("x1", "x2")
 

@@ -29,10 +29,10 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from softmaxlab import backend, calibration
-from softmaxlab.config import Config, ModelConfig, OptimizerConfig, TrainConfig, fit_size, load_params
-from softmaxlab.errors import UserError, entry_point
-from softmaxlab.io import (
+from softmaxlab.core import calibration
+from softmaxlab.core.config import Config, ModelConfig, OptimizerConfig, TrainConfig, fit_size, load_params
+from softmaxlab.core.errors import UserError, entry_point
+from softmaxlab.core.io import (
     FEATURES,
     atomic_path,
     file_md5,
@@ -42,7 +42,8 @@ from softmaxlab.io import (
     write_json,
     write_table,
 )
-from softmaxlab.tracking import redact
+from softmaxlab.model import backend
+from softmaxlab.tracking.tracker import redact
 
 HISTORY_COLUMNS = ["epoch", "loss", "accuracy", "val_loss", "val_accuracy"]
 # A run whose validation accuracy ends this far below what the data allows (the nearest-
@@ -407,7 +408,7 @@ def summary_line(result: TrainResult, run_id: str | None) -> str:
 def stage(cfg: Config, root: Path, progress: bool = False) -> tuple[TrainResult, str | None]:
     """The `dvc repro` stage: data checked before any MLflow run exists, a new sqlite store
     created in a side process while Keras imports, then run() inside one MLflow run."""
-    from softmaxlab import tracking
+    from softmaxlab.tracking import tracker as tracking
 
     data = load_data(cfg, root)  # bad data is refused before any MLflow run exists
     preparing = tracking.prepare_store(cfg)

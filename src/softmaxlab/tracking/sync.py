@@ -14,7 +14,7 @@ import os
 import sys
 import tempfile
 
-from softmaxlab.errors import UserError
+from softmaxlab.core.errors import UserError, first_line
 
 SYNCED_TAG = "tracking.synced_to"
 FALLBACK_TAG = "tracking.fallback_from"
@@ -117,10 +117,10 @@ def sync(target_uri: str, local_uri: str) -> list[tuple[str, str]]:
     Safe to repeat: a run is copied once, a half-done copy is replaced."""
     from mlflow.tracking import MlflowClient
 
-    from softmaxlab.tracking import _reachable, ensure_experiment, redact, use_uri
+    from softmaxlab.tracking.tracker import ensure_experiment, reachable, redact, use_uri
 
     # Not the cached answer: the point of sync is that the server is back.
-    why = _reachable(target_uri, fresh=True) if target_uri.startswith(("http://", "https://")) else None
+    why = reachable(target_uri, fresh=True) if target_uri.startswith(("http://", "https://")) else None
     if why:
         raise UserError(f"MLflow server {redact(target_uri)} is still unreachable ({why}); try again later")
     src, dst = MlflowClient(local_uri), MlflowClient(target_uri)
@@ -142,7 +142,7 @@ def sync(target_uri: str, local_uri: str) -> list[tuple[str, str]]:
             except UserError:
                 raise
             except Exception as err:  # the server or the network went away half-way
-                first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+                first = first_line(err)
                 raise UserError(
                     f"sync stopped at run {run.info.run_id} ({first}); {len(copied)} run(s) copied before it; "
                     "run `softmaxlab sync` again: it replaces a half-done copy, and copies no run twice"
@@ -160,7 +160,7 @@ def _retire_replaced(dst, run, rid: str) -> None:
     so the sweep counts each job once."""
     from mlflow.exceptions import MlflowException
 
-    from softmaxlab.tracking import REPLACES_TAG
+    from softmaxlab.tracking.tracker import REPLACES_TAG
 
     replaced = run.data.tags.get(REPLACES_TAG)
     if not replaced:
@@ -195,8 +195,8 @@ def _complete_parents(dst, experiment_id: str, parent_ids: set[str]) -> None:
 
 def sync_cli(args: list[str]) -> None:
     """softmaxlab sync [URI]: URI defaults to tracking.uri / $MLFLOW_TRACKING_URI."""
-    from softmaxlab.config import load_params, project_root
-    from softmaxlab.tracking import redact, resolve_uri
+    from softmaxlab.core.config import load_params, project_root
+    from softmaxlab.tracking.tracker import redact, resolve_uri
 
     if len(args) > 1:
         raise UserError("usage: softmaxlab sync [TRACKING_SERVER_URI]")

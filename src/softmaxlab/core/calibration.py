@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from softmaxlab.errors import UserError
+from softmaxlab.core.errors import UserError
 
 if TYPE_CHECKING:  # pandas is imported only by the two table functions: it costs ~0.5 s
     import pandas as pd

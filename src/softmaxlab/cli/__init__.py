@@ -1,0 +1,1 @@
+"""The command line: the entry point, the Hydra app, and the ui and adopt commands."""

@@ -1,0 +1,1 @@
+"""The served model: promote (the champion alias), serve, and the pyfunc model itself."""

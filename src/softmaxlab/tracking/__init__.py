@@ -1,0 +1,1 @@
+"""MLflow at the edge: the store and its server, the run tracker, provenance, and sync."""
