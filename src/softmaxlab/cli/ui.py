@@ -17,24 +17,16 @@ import os
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 from softmaxlab.core.errors import UserError, first_line
+from softmaxlab.core.probe import answers_ok
 
 HOST = "127.0.0.1"
 DEFAULT_PORT = 5000
 # MLflow's fastapi app imports starlette.middleware.wsgi, which this Starlette deprecates:
 # not ours to fix, and nothing a user can act on.
 HIDE_WARNINGS = "ignore:starlette.middleware.wsgi is deprecated"
-
-
-def _answers(url: str) -> bool:
-    try:
-        with urllib.request.urlopen(url, timeout=2) as r:
-            return r.status == 200
-    except Exception:  # refused while starting, or a timeout: not up yet
-        return False
 
 
 def _last_line(log: Path) -> str:
@@ -103,7 +95,7 @@ def serve(port: int = DEFAULT_PORT, log: Path | None = None) -> int:
     with open(log, "w") as out:
         server = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=root)
     try:
-        while not _answers(f"http://{HOST}:{port}/health"):
+        while not answers_ok(f"http://{HOST}:{port}/health", timeout=2):
             if server.poll() is not None:
                 raise UserError(
                     f"mlflow ui stopped (exit code {server.returncode}) before answering: {_last_line(log)}"

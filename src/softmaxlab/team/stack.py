@@ -38,13 +38,12 @@ import socket
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from softmaxlab.core.errors import UserError, first_line
+from softmaxlab.core.probe import answers_ok, http_status
 
 HOST = "127.0.0.1"
 # Fixed defaults, so a teammate's .team/env stays the same from one `team up` to the next;
@@ -248,13 +247,7 @@ def _port_open(port: int) -> bool:
 
 def _http_answers(url: str, timeout: float = 3) -> bool:
     """Any HTTP answer counts (radosgw says 403/200, an auth server 401)."""
-    try:
-        with urllib.request.urlopen(url, timeout=timeout):
-            return True
-    except urllib.error.HTTPError:
-        return True
-    except Exception:  # refused, reset or a timeout: not answering
-        return False
+    return isinstance(http_status(url, timeout), int)
 
 
 def _wait(what: str, ready, proc: subprocess.Popen | None, log: Path, timeout: float) -> None:
@@ -723,11 +716,7 @@ def _start_mlflow(state: State) -> str:
 
 
 def _mlflow_health(state: State) -> bool:
-    try:
-        with urllib.request.urlopen(f"{state.mlflow_url}/health", timeout=3) as r:
-            return r.status == 200
-    except Exception:  # not up yet
-        return False
+    return answers_ok(f"{state.mlflow_url}/health", timeout=3)
 
 
 # --- .team/env and DVC ---------------------------------------------------------------------------

@@ -111,12 +111,11 @@ def redact_text(text: str, uri: str) -> str:
     return text.replace(unquote(password), "***").replace(password, "***") if password else text
 
 
-def _health_request(uri: str):
-    """GET <uri>/health with the credentials MLflow itself would send: user info in the URI,
-    else MLFLOW_TRACKING_USERNAME/PASSWORD, else MLFLOW_TRACKING_TOKEN. urllib refuses a URL
-    with user info, so it goes in an Authorization header instead."""
+def _health_probe(uri: str) -> tuple[str, dict[str, str]]:
+    """<uri>/health and the Authorization header MLflow itself would send: user info in the
+    URI, else MLFLOW_TRACKING_USERNAME/PASSWORD, else MLFLOW_TRACKING_TOKEN. urllib refuses a
+    URL with user info, so it goes in the header instead."""
     import base64
-    import urllib.request
     from urllib.parse import unquote, urlsplit, urlunsplit
 
     parts = urlsplit(uri)
@@ -124,13 +123,14 @@ def _health_request(uri: str):
     if parts.username is not None:
         user, password = unquote(parts.username), unquote(parts.password or "")
     netloc = parts.hostname + (f":{parts.port}" if parts.port else "") if parts.hostname else parts.netloc
-    req = urllib.request.Request(urlunsplit(parts._replace(netloc=netloc)).rstrip("/") + "/health")
+    url = urlunsplit(parts._replace(netloc=netloc)).rstrip("/") + "/health"
+    headers = {}
     if user:
         basic = base64.b64encode(f"{user}:{password or ''}".encode()).decode("ascii")
-        req.add_header("Authorization", f"Basic {basic}")
+        headers["Authorization"] = f"Basic {basic}"
     elif os.environ.get("MLFLOW_TRACKING_TOKEN"):
-        req.add_header("Authorization", f"Bearer {os.environ['MLFLOW_TRACKING_TOKEN']}")
-    return req
+        headers["Authorization"] = f"Bearer {os.environ['MLFLOW_TRACKING_TOKEN']}"
+    return url, headers
 
 
 # Servers found unreachable in this process, with why: a sweep's jobs do not each wait on a
@@ -142,19 +142,16 @@ _down: dict[str, str] = {}
 def reachable(uri: str, fresh: bool = False) -> str | None:
     """None if an http(s) tracking server answers /health in time, else why not. A server
     found down stays down for this process unless `fresh` (sync: the point is that it's back)."""
-    import urllib.error
-    import urllib.request
+    from softmaxlab.core.probe import http_status
 
     if uri in _down and not fresh:
         return _down[uri]
-    try:
-        with urllib.request.urlopen(_health_request(uri), timeout=REACHABLE_TIMEOUT_S) as r:
-            why = None if r.status == 200 else f"HTTP {r.status}"
-    except urllib.error.HTTPError as err:
-        why = f"HTTP {err.code}"
-    except Exception as err:  # refused, DNS, timeout: all mean "not reachable now"
-        reason = getattr(err, "reason", err)
-        why = redact_text(str(reason), uri) or type(err).__name__
+    url, headers = _health_probe(uri)
+    status = http_status(url, REACHABLE_TIMEOUT_S, headers)
+    # A string: nothing answered, and why; a number: the server's HTTP status.
+    why = (
+        redact_text(status, uri) if isinstance(status, str) else (None if status == 200 else f"HTTP {status}")
+    )
     if why:
         _down[uri] = why
     else:
