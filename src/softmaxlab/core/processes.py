@@ -38,3 +38,18 @@ def stop_group(
         with contextlib.suppress(ProcessLookupError):  # it exited just now
             os.killpg(proc.pid, signal.SIGKILL)
         return False, *proc.communicate()
+
+
+@contextlib.contextmanager
+def restored_env(*names: str):
+    """Environment variables `names` as they were before the block, whatever the block set or
+    unset (for libraries that read or write settings in os.environ)."""
+    saved = {name: os.environ.get(name) for name in names}
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value

@@ -267,17 +267,15 @@ def _mlflow_quiet():
     version"): the stage says it in one line of its own instead. Errors still raise."""
     from mlflow.utils import logging_utils
 
-    saved = os.environ.get("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR")
-    os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = "false"
-    logging_utils.disable_logging()
-    try:
-        yield
-    finally:
-        logging_utils.enable_logging()
-        if saved is None:
-            os.environ.pop("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", None)
-        else:
-            os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = saved
+    from softmaxlab.core.processes import restored_env
+
+    with restored_env("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"):
+        os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = "false"
+        logging_utils.disable_logging()
+        try:
+            yield
+        finally:
+            logging_utils.enable_logging()
 
 
 def record_evaluation(tracker, run_id: str, cfg: Config, root: Path, metrics: dict[str, float]) -> None:

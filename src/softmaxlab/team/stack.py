@@ -44,6 +44,7 @@ from pathlib import Path
 
 from softmaxlab.core.errors import UserError, first_line
 from softmaxlab.core.probe import answers_ok, http_status
+from softmaxlab.core.processes import restored_env
 
 HOST = "127.0.0.1"
 # Fixed defaults, so a teammate's .team/env stays the same from one `team up` to the next;
@@ -931,9 +932,8 @@ def _as_admin(state: State):
     if not state.auth:
         raise UserError("the team's MLflow server runs without basic-auth: `softmaxlab team up --auth` first")
     names = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")
-    saved = {name: os.environ.get(name) for name in names}
-    os.environ.update(dict(zip(names, (ADMIN, state.secrets["admin_password"]), strict=True)))
-    try:
+    with restored_env(*names):
+        os.environ.update(dict(zip(names, (ADMIN, state.secrets["admin_password"]), strict=True)))
         with warnings.catch_warnings():
             # MLflow's server package imports starlette.middleware.wsgi, which Starlette deprecates.
             warnings.filterwarnings("ignore", message="starlette.middleware.wsgi is deprecated")
@@ -941,12 +941,6 @@ def _as_admin(state: State):
 
             client = get_app_client("basic-auth", tracking_uri=state.mlflow_url)
         yield client
-    finally:
-        for name, value in saved.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
 
 
 def _auth_call(what: str, fn):

@@ -94,12 +94,10 @@ def use_uri(uri: str) -> None:
     never send their runs."""
     import mlflow
 
-    before = os.environ.get("MLFLOW_TRACKING_URI")
-    mlflow.set_tracking_uri(uri)
-    if before is None:
-        os.environ.pop("MLFLOW_TRACKING_URI", None)
-    else:
-        os.environ["MLFLOW_TRACKING_URI"] = before
+    from softmaxlab.core.processes import restored_env
+
+    with restored_env("MLFLOW_TRACKING_URI"):
+        mlflow.set_tracking_uri(uri)
 
 
 def redact_text(text: str, uri: str) -> str:
