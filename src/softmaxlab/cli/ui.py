@@ -51,7 +51,7 @@ def remote_link(uri: str, experiment: str) -> str:
     try:
         exp = MlflowClient(uri).get_experiment_by_name(experiment)
     except MlflowException as err:
-        if "401" in str(err) or "403" in str(err):
+        if tracking.refusal(err):
             raise UserError(
                 f"the tracking server {tracking.redact(uri)} refused the credentials: set "
                 "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD (`source .team/env`, or your user's)"

@@ -949,8 +949,9 @@ def _auth_call(what: str, fn):
     try:
         return fn()
     except MlflowException as err:
-        code = getattr(err, "get_http_status_code", lambda: None)()
-        if code == 401 or "401" in str(err).split(":")[0]:
+        from softmaxlab.tracking.tracker import refusal
+
+        if refusal(err) == 401:
             raise UserError(
                 f"{what}: the server refused the admin's credentials (HTTP 401): the admin password "
                 "is MLFLOW_AUTH_ADMIN_PASSWORD, or .team/secrets.json's admin_password"

@@ -177,15 +177,29 @@ def is_tracking_error(err: BaseException) -> bool:
     return isinstance(err, MlflowException | RequestException)
 
 
+def refusal(err: BaseException) -> int | None:
+    """401 or 403 when `err` is an MLflow server's refusal of the credentials (the status MLflow
+    mapped, or the one its message quotes from the HTTP answer), else None."""
+    import re
+
+    from mlflow.exceptions import MlflowException
+
+    if not isinstance(err, MlflowException):
+        return None
+    code = err.get_http_status_code()
+    if code in (401, 403):
+        return code
+    quoted = re.search(r"\b(401|403)\b", str(err))
+    return int(quoted.group(1)) if quoted else None
+
+
 def credentials_error(err: BaseException, uri: str, experiment: str) -> UserError | None:
     """A tracking server's refusal (HTTP 401 or 403) as one line naming what to set, or None
     for any other error. Never shows the password."""
     from urllib.parse import unquote, urlsplit
 
-    from mlflow.exceptions import MlflowException
-
-    code = err.get_http_status_code() if isinstance(err, MlflowException) else None
-    if code not in (401, 403):
+    code = refusal(err)
+    if code is None:
         return None
     user = os.environ.get("MLFLOW_TRACKING_USERNAME") or unquote(urlsplit(uri).username or "")
     server = f"MLflow server {redact(uri)}"
