@@ -90,7 +90,7 @@ def main() -> int:
     stage_wall = {}
     clean(proj)
     for s in STAGES:
-        stage_wall[s], _ = run([py, "-m", f"softmaxlab.{s}"], proj)
+        stage_wall[s], _ = run([py, "-m", f"softmaxlab.stages.{s}"], proj)
     lines.append(f"dvc repro from clean: {repro_wall:.2f} s; the same stages as plain processes: "
                  + ", ".join(f"{s} {t:.2f} s" for s, t in stage_wall.items())
                  + f" = {sum(stage_wall.values()):.2f} s; so DVC itself ~{repro_wall - sum(stage_wall.values()):.2f} s")  # fmt: skip
@@ -99,7 +99,7 @@ def main() -> int:
     imports = {}
     clean(proj)
     for s in STAGES:
-        _, proc = run([py, "-X", "importtime", "-m", f"softmaxlab.{s}"], proj)
+        _, proc = run([py, "-X", "importtime", "-m", f"softmaxlab.stages.{s}"], proj)
         imports[s] = import_times(proc.stderr)
     lines.append("## Import time per stage (python -X importtime, cumulative s per top-level package)")
     lines.append("")
@@ -116,7 +116,7 @@ def main() -> int:
     for s in STAGES:
         prof = args.work / "profile-stats" / f"{s}.prof"  # binary: kept out of results/
         prof.parent.mkdir(parents=True, exist_ok=True)
-        wall, _ = run([py, "-m", "cProfile", "-o", str(prof), "-m", f"softmaxlab.{s}"], proj)
+        wall, _ = run([py, "-m", "cProfile", "-o", str(prof), "-m", f"softmaxlab.stages.{s}"], proj)
         stats = pstats.Stats(str(prof))
         buf = io.StringIO()
         stats.stream = buf
@@ -138,7 +138,7 @@ def main() -> int:
         svg = args.out / f"profile-train-{host}-{date}.svg"
         clean(proj)
         for s in STAGES[:1]:
-            run([py, "-m", f"softmaxlab.{s}"], proj)
+            run([py, "-m", f"softmaxlab.stages.{s}"], proj)
         try:
             run([str(spy), "record", "-o", str(svg), "--", py, "-m", "softmaxlab.stages.train"], proj)
             lines.append(f"py-spy flame graph of the train stage: {svg.name}")
