@@ -72,7 +72,7 @@ run: setup
 	@git diff --quiet HEAD -- dvc.lock 2>/dev/null || echo "note: dvc.lock changed: this run's model.keras, \
 	reports/train.json and report.html always differ from the committed run's (save time, MLflow run id), \
 	and other CPUs can change predictions in the last bits; commit dvc.lock to record this run \
-	(README: Failures and reproducibility)"
+	(docs/reproducibility.md)"
 
 ## test: the test suite (slow tests included; `make test-fast` skips them), one worker per
 ## core: most of it is subprocesses starting Python, which one core leaves idle half the time.
@@ -111,7 +111,7 @@ serve: setup
 	$(BIN)/python -m softmaxlab serve --port $(PORT)
 
 ## team-up: PostgreSQL, Ceph radosgw (S3) and the MLflow server on 127.0.0.1, state in .team/
-## (README "Team setup"); `make team-up AUTH=1` puts MLflow's basic-auth app in front (kept until AUTH=0)
+## (docs/team.md); `make team-up AUTH=1` puts MLflow's basic-auth app in front (kept until AUTH=0)
 team-up: setup-team
 	@$(BIN)/python -m softmaxlab team up $(if $(filter 1,$(AUTH)),--auth,$(if $(filter 0,$(AUTH)),--no-auth))
 
@@ -123,7 +123,7 @@ team-down: setup-team
 team-status: setup-team
 	@$(BIN)/python -m softmaxlab team status
 
-## team-join: a teammate's clone: its DVC remote from the sourced .team/env (README "Team setup")
+## team-join: a teammate's clone: its DVC remote from the sourced .team/env (docs/team.md)
 team-join: setup-team
 	@$(BIN)/python -m softmaxlab team join
 

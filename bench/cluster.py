@@ -1,4 +1,4 @@
-"""Sweeps on a cluster, measured on this machine (issue 13; README "Sweeps on a cluster").
+"""Sweeps on a cluster, measured on this machine (issue 13; docs/cluster.md).
 
     python bench/cluster.py [--repeats 3] [--trials 6]      # as root: Ray runs in a namespace
 

@@ -270,7 +270,7 @@ def test_a_config_typo_in_dvc_exp_run_is_dvcs_error_and_changes_nothing(
     committed_project, override, dvc_says
 ):
     # DVC composes conf/ itself, before any of our code runs, and reports Hydra's error as its
-    # own "unexpected error" (exit code 255): the README says so. Nothing is changed.
+    # own "unexpected error" (exit code 255): docs/experiments.md says so. Nothing is changed.
     project = committed_project
     before, params = output_hashes(project), (project / "params.yaml").read_bytes()
     proc = run_cmd(["dvc", "exp", "run", "-S", override], project, check=False)

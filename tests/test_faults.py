@@ -516,7 +516,7 @@ def test_same_config_gives_identical_bytes_and_metrics_in_fresh_projects(tmp_pat
     assert (a / "data/test.parquet").read_bytes() == (b / "data/test.parquet").read_bytes()
     assert (a / "reports/metrics.json").read_text() == (b / "reports/metrics.json").read_text()
     assert (a / "predictions/test.parquet").read_bytes() == (b / "predictions/test.parquet").read_bytes()
-    # What the README says differs between two runs on one machine, and nothing else.
+    # What docs/reproducibility.md says differs between two runs on one machine, and nothing else.
     import yaml
 
     def out_hashes(project):

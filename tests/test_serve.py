@@ -91,7 +91,7 @@ def test_calibrated_model_predicts_softmax_of_logits_over_t(trained):
 def test_calibrated_model_ignores_a_column_beyond_its_features_as_mlflow_does(trained):
     # MLflow's schema enforcement drops undeclared columns before predict (and logs a
     # warning); the answer is the one for x1 and x2 alone. Refusing them would mean serving
-    # without an input schema and redoing MLflow's checks by hand (README, Serve).
+    # without an input schema and redoing MLflow's checks by hand (docs/serving.md, Serve).
     import mlflow
 
     cfg, root = trained["cfg"], trained["root"]

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# A Ray cluster on this one machine, for trying `hydra/launcher=ray` (README "Sweeps on a cluster"):
+# A Ray cluster on this one machine, for trying `hydra/launcher=ray` (docs/cluster.md, "Ray"):
 #
 #   tools/ray_local.sh [--workers N] [--cpus C] [-- COMMAND ...]
 #   tools/ray_local.sh --workers 1 -- python -m softmaxlab sweep=grid12 hydra/launcher=ray

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# A one-node SLURM cluster on this machine, for trying `launcher=slurm` (README "Sweeps on a
-# cluster"):
+# A one-node SLURM cluster on this machine, for trying `launcher=slurm` (docs/cluster.md,
+# "SLURM"):
 #
 #   tools/slurm_local.sh [--cpus C] [-- COMMAND ...]
 #   tools/slurm_local.sh -- python -m softmaxlab sweep=grid12 launcher=slurm

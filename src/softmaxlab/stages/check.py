@@ -8,7 +8,7 @@ marker, whose bytes never change: a valid config lets DVC go on exactly as if th
 were not there, a bad one stops `dvc` before it touches the other stages' outputs.
 
 It also says, at the moment it happens, how params.yaml differs from conf/'s defaults: after
-`dvc exp run -S`, `dvc exp apply` or a hand edit (see the README, "Change something").
+`dvc exp run -S`, `dvc exp apply` or a hand edit (see docs/experiments.md, "The check stage").
 """
 
 from __future__ import annotations

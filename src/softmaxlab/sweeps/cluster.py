@@ -1,4 +1,4 @@
-"""Sweeps on a cluster (README "Sweeps on a cluster"): what the launching process prepares
+"""Sweeps on a cluster (docs/cluster.md): what the launching process prepares
 before the first job, for Hydra's Ray launcher and for an Optuna study in a shared database.
 
 Both run in SweepCallback.on_multirun_start: after the sweep's parent run exists, before
