@@ -32,7 +32,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import run as bench  # noqa: E402  (bench/run.py: measure, make_project, SWEEP, interleave)
 
 from softmaxlab.core.processes import free_port  # noqa: E402
-from softmaxlab.team import stack as team  # noqa: E402
+from softmaxlab.team import stack  # noqa: E402
+from softmaxlab.team.state import DEFAULT_PORTS, DVC_BUCKET  # noqa: E402
+from softmaxlab.team.users import configure_dvc  # noqa: E402
 
 RESULTS = bench.ROOT / "bench" / "results"
 # Outputs a run leaves; unlike bench/run.py's clean, the local store stays (a user's would).
@@ -115,14 +117,14 @@ def data_rows(work: Path, env: dict, repeats: int) -> dict:
     out = {"size_mb": size_mb, "push": [], "pull": []}
     for i in range(repeats):
         # A prefix of its own each time: DVC sends nothing the remote already has.
-        run_env = {**env, "SOFTMAXLAB_DVC_REMOTE": f"s3://{team.DVC_BUCKET}/bench-{time.time_ns()}"}
-        team.configure_dvc(proj, run_env)
+        run_env = {**env, "SOFTMAXLAB_DVC_REMOTE": f"s3://{DVC_BUCKET}/bench-{time.time_ns()}"}
+        configure_dvc(proj, run_env)
         r = measured(["dvc", "push", "generate"], proj, run_env, work / "logs" / f"push{i}.log")
         out["push"].append(r)
         clone = work / f"clone{i}"
         shutil.rmtree(clone, ignore_errors=True)
         subprocess.run(["git", "clone", "-q", str(proj), str(clone)], check=True, env=bench.ENV)
-        team.configure_dvc(clone, run_env)
+        configure_dvc(clone, run_env)
         p = measured(["dvc", "pull", "generate"], clone, run_env, work / "logs" / f"pull{i}.log")
         same = all(
             (clone / f.relative_to(proj)).read_bytes() == f.read_bytes() for f in files
@@ -214,7 +216,7 @@ def main() -> int:
     bench.ENV["PYTHONPATH"] = str(snapshot / "src")
     try:
         start = time.perf_counter()
-        state = team.up(state_dir, ports={n: free_port() for n in team.DEFAULT_PORTS}, say=bench.say)
+        state = stack.up(state_dir, ports={n: free_port() for n in DEFAULT_PORTS}, say=bench.say)
         info["team_up_s"] = time.perf_counter() - start
         env = {**bench.ENV, **state.env}
         if args.previous:
@@ -231,7 +233,7 @@ def main() -> int:
             bench.say("dvc push / pull of 10^6 samples")
             raw["data"] = data_rows(work, env, args.data_repeats)
     finally:
-        team.down(state_dir, say=bench.say)
+        stack.down(state_dir, say=bench.say)
         shutil.rmtree(state_dir, ignore_errors=True)
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.with_suffix(".json").write_text(json.dumps({"info": info, "raw": raw}, indent=1) + "\n")

@@ -150,34 +150,35 @@ def team_services(auth: bool = False):
 
     from softmaxlab.core.errors import UserError
     from softmaxlab.core.processes import free_port
-    from softmaxlab.team import stack as team
+    from softmaxlab.team import install, stack
+    from softmaxlab.team.state import DEFAULT_PORTS
 
-    missing = team.missing_programs()
+    missing = install.missing_programs()
     if missing and os.environ.get("CI") != "true":
-        pytest.skip(f"team services need {', '.join(missing)} (Debian: {team.APT_PACKAGES})")
+        pytest.skip(f"team services need {', '.join(missing)} (Debian: {install.APT_PACKAGES})")
     # Not under pytest's 0700 temp root: PostgreSQL runs as user postgres, which must get in.
     state_dir = Path(tempfile.mkdtemp(prefix="softmaxlab-team-"))
-    ports = {name: free_port() for name in team.DEFAULT_PORTS}
+    ports = {name: free_port() for name in DEFAULT_PORTS}
     try:
         try:
-            state = team.up(state_dir, ports=ports, auth=auth, say=lambda line: None)
+            state = stack.up(state_dir, ports=ports, auth=auth, say=lambda line: None)
         except UserError as err:
             raise AssertionError(f"team up failed: {err}") from err
         yield state
     finally:
         try:
             if (state_dir / "state.json").exists():
-                team.down(state_dir, say=lambda line: None)
+                stack.down(state_dir, say=lambda line: None)
         finally:
             shutil.rmtree(state_dir, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
 def team_stack():
-    """One team stack per test session (per xdist worker): a `softmaxlab.team.stack.State` with
+    """One team stack per test session (per xdist worker): a `softmaxlab.team.state.State` with
     `.env` (the variables of .team/env: MLFLOW_TRACKING_URI, AWS_*, SOFTMAXLAB_DVC_REMOTE,
     SOFTMAXLAB_OPTUNA_STORAGE), `.ports`, `.dir`, `.mlflow_url`, `.s3_url` and
     `.postgres_url(db)` (a SQLAlchemy URL for `mlflow`, `mlflow_auth` or `optuna`).
-    `softmaxlab.team.stack.configure_dvc(project, state.env)` points a project's DVC remote at it."""
+    `softmaxlab.team.users.configure_dvc(project, state.env)` points a project's DVC remote at it."""
     with team_services() as state:
         yield state

@@ -48,3 +48,16 @@ def test_a_group_that_stops_on_the_signal_returns_its_output():
     assert proc.stdout.readline() == "hi\n"
     stopped, out, err = stop_group(proc, signal.SIGINT, timeout=60)
     assert stopped and proc.returncode == 3 and out == "bye\n" and err is None
+
+
+def test_given_the_leaders_pid_a_child_that_outlives_its_leader_is_killed_too():
+    # The leader exits on SIGTERM; its child ignores it (an ignored signal stays ignored across
+    # exec) and stays in the group: the team servers are stopped this way, by PID.
+    proc = subprocess.Popen(
+        ["bash", "-c", '(trap "" TERM; exec sleep 300) & echo $!; wait'],
+        stdout=subprocess.PIPE, text=True, start_new_session=True,
+    )  # fmt: skip
+    child = int(proc.stdout.readline())
+    assert alive(child)
+    assert stop_group(proc.pid, signal.SIGTERM, timeout=1) == (False, None, None)
+    assert gone(child) and not alive(proc.pid)

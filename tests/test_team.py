@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 import stat
 import subprocess
 import sys
@@ -15,7 +16,10 @@ from pathlib import Path
 import pytest
 from conftest import env_with_venv, make_project, run_cmd, team_services, tiny_overrides
 
-from softmaxlab.team import stack as team
+from softmaxlab.core.errors import UserError
+from softmaxlab.core.processes import group_members
+from softmaxlab.team import ceph, install, services, stack, users
+from softmaxlab.team.state import DVC_BUCKET, MLFLOW_BUCKET, SERVICES, State
 
 pytestmark = pytest.mark.slow
 
@@ -38,14 +42,14 @@ def process_listing() -> str:
     return subprocess.run(["ps", "-eww", "-o", "pid,args"], capture_output=True, text=True, check=True).stdout
 
 
-def secret_values(state: team.State) -> list[str]:
+def secret_values(state: State) -> list[str]:
     values = [state.secrets["pg_password"], state.secrets["admin_password"]]
     for keys in state.secrets["s3"].values():
         values += [keys["access_key"], keys["secret_key"]]
     return values
 
 
-def team_cli(state: team.State, *args: str, **env: str):
+def team_cli(state: State, *args: str, **env: str):
     return run_cmd(
         ["softmaxlab", "team", *args], Path.cwd(), env_with_venv(SOFTMAXLAB_TEAM_DIR=str(state.dir), **env),
         check=False,
@@ -54,13 +58,13 @@ def team_cli(state: team.State, *args: str, **env: str):
 
 def test_second_up_reports_what_runs_and_status_answers(team_stack):
     said = []
-    again = team.up(team_stack.dir, ports=team_stack.ports, say=said.append)
+    again = stack.up(team_stack.dir, ports=team_stack.ports, say=said.append)
     assert [line.split()[2:4] for line in said[:5]] == [["already", "running:"]] * 5
     assert again.env == team_stack.env
     out = team_cli(team_stack, "status")
     assert out.returncode == 0, out.stderr
     rows = {line.split()[0]: line for line in out.stdout.splitlines()}
-    assert all(" answers " in rows[name] for name in team.SERVICES)
+    assert all(" answers " in rows[name] for name in SERVICES)
     assert team_stack.mlflow_url in rows["mlflow"] and team_stack.s3_url in rows["radosgw"]
     # .team/env: the variables a teammate sources, readable by its owner only.
     env_file = team_stack.path("env")
@@ -94,11 +98,11 @@ def test_runs_go_to_postgresql_and_artifacts_to_s3_through_the_server(team_stack
     # ... the artifact an object in the server's bucket, which the team's keys cannot touch.
     keys = [
         o["Key"]
-        for o in team.s3_client(team_stack, "mlflow").list_objects_v2(Bucket=team.MLFLOW_BUCKET)["Contents"]
+        for o in ceph.s3_client(team_stack, "mlflow").list_objects_v2(Bucket=MLFLOW_BUCKET)["Contents"]
     ]
     assert f"mlflow/{exp_id}/{run.info.run_id}/artifacts/note.txt" in keys
     with pytest.raises(Exception, match="AccessDenied"):
-        team.s3_client(team_stack, "team").list_objects_v2(Bucket=team.MLFLOW_BUCKET)
+        ceph.s3_client(team_stack, "team").list_objects_v2(Bucket=MLFLOW_BUCKET)
     # A client needs only the server's URL to read it back.
     # (set explicitly: an earlier in-process run in this worker may have set MLflow's global URI;
     # the autouse fixture in conftest puts it back after the test)
@@ -172,7 +176,7 @@ def test_join_sets_a_clones_dvc_remote_from_the_sourced_env_and_dvc_push_reaches
     assert missing.returncode == 2 and "SOFTMAXLAB_DVC_REMOTE and AWS_ENDPOINT_URL" in missing.stderr
     env = env_with_venv(**team_stack.env)
     out = run_cmd(["softmaxlab", "team", "join"], project, env)
-    assert f"s3://{team.DVC_BUCKET}/dvc at {team_stack.s3_url}" in out.stdout
+    assert f"s3://{DVC_BUCKET}/dvc at {team_stack.s3_url}" in out.stdout
     # Only this clone's git-ignored config names the local endpoint; the committed one is as it was.
     local = (project / ".dvc" / "config.local").read_text()
     assert team_stack.s3_url in local and "secret" not in local.lower()
@@ -182,7 +186,7 @@ def test_join_sets_a_clones_dvc_remote_from_the_sourced_env_and_dvc_push_reaches
         line.split()[-1] for line in (project / "blob.bin.dvc").read_text().splitlines() if "md5:" in line
     )
     key = f"dvc/files/md5/{md5[:2]}/{md5[2:]}"
-    got = team.s3_client(team_stack, "team").get_object(Bucket=team.DVC_BUCKET, Key=key)["Body"].read()
+    got = ceph.s3_client(team_stack, "team").get_object(Bucket=DVC_BUCKET, Key=key)["Body"].read()
     assert got == (project / "blob.bin").read_bytes()
 
 
@@ -281,7 +285,7 @@ def test_a_user_without_edit_gets_one_line_saying_who_grants_it_and_no_run(auth_
         )
         == 200
     )
-    password = team.add_user(auth_stack, "erin")
+    password = users.add_user(auth_stack, "erin")
     project = make_project(tmp_path / "proj")
     env = env_with_venv(MLFLOW_TRACKING_URI=auth_stack.mlflow_url, MLFLOW_TRACKING_USERNAME="erin",
                         MLFLOW_TRACKING_PASSWORD=password)  # fmt: skip
@@ -301,7 +305,7 @@ def test_a_user_without_edit_gets_one_line_saying_who_grants_it_and_no_run(auth_
 def test_a_users_pipeline_run_on_the_auth_server_carries_no_credential(auth_stack, tmp_path, monkeypatch):
     import mlflow
 
-    password = team.add_user(auth_stack, "carol")
+    password = users.add_user(auth_stack, "carol")
     creds = {"MLFLOW_TRACKING_USERNAME": "carol", "MLFLOW_TRACKING_PASSWORD": password}
     project = make_project(tmp_path / "proj", *tiny_overrides())
     env = env_with_venv(MLFLOW_TRACKING_URI=auth_stack.mlflow_url, **creds)
@@ -336,47 +340,47 @@ def test_auth_mode_puts_no_credential_in_process_listings_or_logs(auth_stack):
 
 
 def test_stopping_one_service_leaves_the_others_and_up_restarts_only_it(auth_stack):
-    before = {name: team.running_pid(auth_stack, name) for name in team.SERVICES}
-    assert team.stop(auth_stack.dir, "radosgw", say=lambda line: None) == ["radosgw"]
-    assert not any(s.answers for s in team.status(auth_stack.dir) if s.name == "radosgw")
+    before = {name: services.running_pid(auth_stack, name) for name in SERVICES}
+    assert stack.stop(auth_stack.dir, "radosgw", say=lambda line: None) == ["radosgw"]
+    assert not any(s.answers for s in stack.status(auth_stack.dir) if s.name == "radosgw")
     said = []
-    team.up(auth_stack.dir, ports=auth_stack.ports, say=said.append)
+    stack.up(auth_stack.dir, ports=auth_stack.ports, say=said.append)
     assert [line.split()[1:3] for line in said[:5]] == [
         ["postgres", "already"], ["ceph-mon", "already"], ["ceph-osd", "already"],
         ["radosgw", "started:"], ["mlflow", "already"],
     ]  # fmt: skip
-    after = {name: team.running_pid(auth_stack, name) for name in team.SERVICES}
+    after = {name: services.running_pid(auth_stack, name) for name in SERVICES}
     assert {n: p for n, p in after.items() if n != "radosgw"} == {
         n: p for n, p in before.items() if n != "radosgw"
     }
-    with pytest.raises(team.UserError, match="no service 'minio'"):
-        team.stop(auth_stack.dir, "minio")
+    with pytest.raises(UserError, match="no service 'minio'"):
+        stack.stop(auth_stack.dir, "minio")
 
 
 def test_down_stops_every_process_and_up_keeps_objects_and_runs(auth_stack):
     admin = ("admin", auth_stack.env["MLFLOW_TRACKING_PASSWORD"])
     create = f"{auth_stack.mlflow_url}/api/2.0/mlflow/experiments/create"
     assert http_status(create, *admin, {"name": "before-restart"}) == 200
-    s3 = team.s3_client(auth_stack, "team")
-    s3.put_object(Bucket=team.DVC_BUCKET, Key="dvc/files/md5/ab/cdef", Body=b"x" * 100_000)
-    pids = {name: team.running_pid(auth_stack, name) for name in team.SERVICES}
+    s3 = ceph.s3_client(auth_stack, "team")
+    s3.put_object(Bucket=DVC_BUCKET, Key="dvc/files/md5/ab/cdef", Body=b"x" * 100_000)
+    pids = {name: services.running_pid(auth_stack, name) for name in SERVICES}
     assert all(pids.values()), pids
-    groups = {pid: team._stat(pid)[2] for pid in pids.values()}
+    groups = {pid: os.getpgid(pid) for pid in pids.values()}
 
-    stopped = team.down(auth_stack.dir, say=lambda line: None)
-    assert sorted(stopped) == sorted(team.SERVICES)
+    stopped = stack.down(auth_stack.dir, say=lambda line: None)
+    assert sorted(stopped) == sorted(SERVICES)
     for pid in pids.values():
-        assert team._stat(pid) is None  # gone (or a zombie waiting for its parent)
-        assert not team._group_members(int(groups[pid]))
+        assert services.start_ticks(pid) is None  # gone (or a zombie waiting for its parent)
+        assert not group_members(groups[pid])
     assert f"-D {auth_stack.path('pg', 'data')}" not in process_listing()
-    assert all(s.pid is None and not s.answers for s in team.status(auth_stack.dir))
+    assert all(s.pid is None and not s.answers for s in stack.status(auth_stack.dir))
 
     said = []
-    team.up(auth_stack.dir, ports=auth_stack.ports, say=said.append)  # no auth= given: the mode sticks
+    stack.up(auth_stack.dir, ports=auth_stack.ports, say=said.append)  # no auth= given: the mode sticks
     assert not any("created" in line for line in said)  # the existing cluster and database
     assert "started with basic-auth" in said[4]
     assert http_status(f"{auth_stack.mlflow_url}/api/2.0/mlflow/experiments/search?max_results=1") == 401
-    got = team.s3_client(auth_stack, "team").get_object(Bucket=team.DVC_BUCKET, Key="dvc/files/md5/ab/cdef")
+    got = ceph.s3_client(auth_stack, "team").get_object(Bucket=DVC_BUCKET, Key="dvc/files/md5/ab/cdef")
     assert got["Body"].read() == b"x" * 100_000
     search = f"{auth_stack.mlflow_url}/api/2.0/mlflow/experiments/get-by-name?experiment_name=before-restart"
     assert http_status(search, *admin) == 200  # the run store and the auth store (admin) survived too
@@ -385,10 +389,10 @@ def test_down_stops_every_process_and_up_keeps_objects_and_runs(auth_stack):
 def test_missing_server_programs_are_one_line_naming_them_and_the_apt_command(tmp_path, monkeypatch):
     from softmaxlab.core.errors import UserError
 
-    monkeypatch.setattr(team, "PG_BIN", tmp_path / "no-postgresql")
-    monkeypatch.setattr(team.os, "geteuid", lambda: 1000)  # not root: nothing is installed for us
+    monkeypatch.setattr(install, "PG_BIN", tmp_path / "no-postgresql")
+    monkeypatch.setattr(install.os, "geteuid", lambda: 1000)  # not root: nothing is installed for us
     with pytest.raises(UserError) as err:
-        team.ensure_installed()
+        install.ensure_installed()
     message = str(err.value)
     assert "\n" not in message and str(tmp_path / "no-postgresql" / "initdb") in message
-    assert f"apt-get install --no-install-recommends {team.APT_PACKAGES}" in message
+    assert f"apt-get install --no-install-recommends {install.APT_PACKAGES}" in message

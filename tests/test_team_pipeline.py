@@ -19,7 +19,9 @@ import pytest
 import yaml
 from conftest import env_with_venv, make_project, run_cmd, tiny_overrides
 
-from softmaxlab.team import stack as team
+from softmaxlab.team import ceph, stack
+from softmaxlab.team.state import DVC_BUCKET, MLFLOW_BUCKET
+from softmaxlab.team.users import configure_dvc
 
 pytestmark = pytest.mark.slow
 OUTPUT_DIRS = ("data", "models", "predictions", "reports")
@@ -50,9 +52,9 @@ def lock_hashes(project: Path) -> set[str]:
 
 
 def remote_has(state, prefix: str, md5: str) -> bool:
-    s3 = team.s3_client(state)
+    s3 = ceph.s3_client(state)
     key = f"{prefix}/files/md5/{md5[:2]}/{md5[2:]}"
-    return s3.list_objects_v2(Bucket=team.DVC_BUCKET, Prefix=key, MaxKeys=1).get("KeyCount", 0) == 1
+    return s3.list_objects_v2(Bucket=DVC_BUCKET, Prefix=key, MaxKeys=1).get("KeyCount", 0) == 1
 
 
 def exp_show(project: Path, env: dict) -> str:
@@ -87,14 +89,14 @@ def test_two_clones_share_data_experiments_and_runs_through_the_team_stack(team_
 
     # A prefix of the team bucket of its own: the session's other tests push there too.
     prefix = f"test-{uuid.uuid4().hex[:8]}"
-    env = env_with_venv(**{**team_stack.env, "SOFTMAXLAB_DVC_REMOTE": f"s3://{team.DVC_BUCKET}/{prefix}"})
+    env = env_with_venv(**{**team_stack.env, "SOFTMAXLAB_DVC_REMOTE": f"s3://{DVC_BUCKET}/{prefix}"})
     server = MlflowClient(team_stack.mlflow_url)
     origin = tmp_path / "origin.git"
     run_cmd(["git", "init", "-q", "--bare", "-b", "main", str(origin)], tmp_path)
     experiment = f"two-clones-{uuid.uuid4().hex[:8]}"  # the session's other tests share the server
     a = make_project(tmp_path / "a", *tiny_overrides(f"tracking.experiment={experiment}"))
     git(a, "remote", "add", "origin", str(origin))
-    team.configure_dvc(a, env)
+    configure_dvc(a, env)
 
     # Item 3: dvc repro logs to the server: the data as input datasets at their DVC remote address.
     run_cmd(["dvc", "repro"], a, env=env)
@@ -106,7 +108,7 @@ def test_two_clones_share_data_experiments_and_runs_through_the_team_stack(team_
     )
     (train_input,) = [d for d in run.inputs.dataset_inputs if d.dataset.digest == train_md5]
     assert json.loads(train_input.dataset.source)["uri"] == (
-        f"s3://{team.DVC_BUCKET}/{prefix}/files/md5/{train_md5[:2]}/{train_md5[2:]}"
+        f"s3://{DVC_BUCKET}/{prefix}/files/md5/{train_md5[:2]}/{train_md5[2:]}"
     )
     git(a, "add", "-A")
     git(a, "commit", "-q", "-m", "baseline run")
@@ -129,7 +131,7 @@ def test_two_clones_share_data_experiments_and_runs_through_the_team_stack(team_
 
     # Item 6b: the object store is down during a push: one line, the cache keeps everything,
     # and once it is back the push completes.
-    team.stop(team_stack.dir, "radosgw", say=quiet)
+    stack.stop(team_stack.dir, "radosgw", say=quiet)
     try:
         down = run_cmd(["softmaxlab", "push"], a, env=env, check=False)
         assert down.returncode == 1 and down.stderr.count("\n") == 1, down.stderr
@@ -138,7 +140,7 @@ def test_two_clones_share_data_experiments_and_runs_through_the_team_stack(team_
         raw = run_cmd(["dvc", "push"], a, env=env, check=False)
         assert raw.returncode != 0 and "Could not connect to the endpoint URL" in raw.stderr
     finally:
-        team.up(team_stack.dir, say=quiet)  # starts radosgw again, nothing else
+        stack.up(team_stack.dir, say=quiet)  # starts radosgw again, nothing else
     cache = a / ".dvc" / "cache" / "files" / "md5"
     assert all((cache / h[:2] / h[2:]).is_file() for h in lock_hashes(a))
     run_cmd(["softmaxlab", "push"], a, env=env)
@@ -148,7 +150,7 @@ def test_two_clones_share_data_experiments_and_runs_through_the_team_stack(team_
     # A teammate's clone: git clone, the same env, dvc pull -> the same bytes, nothing to do.
     b = tmp_path / "b"
     run_cmd(["git", "clone", "-q", str(origin), str(b)], tmp_path)
-    team.configure_dvc(b, env)
+    configure_dvc(b, env)
     run_cmd(["softmaxlab", "pull"], b, env=env)
     assert md5s(b) == md5s(a) and len(md5s(a)) > 10
     assert "Data and pipelines are up to date" in run_cmd(["dvc", "status"], b, env=env).stdout
@@ -198,7 +200,7 @@ def test_two_clones_share_data_experiments_and_runs_through_the_team_stack(team_
     assert got[exp_run.info.run_id][0] == figure_md5
     assert all(n_img > 0 and p_sum == pytest.approx(1.0, abs=1e-5) for _, n_img, p_sum in got.values())
     # The artifacts are objects in the S3 bucket (through the server: proxied), the runs rows in PostgreSQL.
-    listed = team.s3_client(team_stack, "mlflow").list_objects_v2(Bucket=team.MLFLOW_BUCKET, Prefix="mlflow/")
+    listed = ceph.s3_client(team_stack, "mlflow").list_objects_v2(Bucket=MLFLOW_BUCKET, Prefix="mlflow/")
     keys = [o["Key"] for o in listed.get("Contents", [])]
     assert any(run.info.run_id in k and k.endswith("figures/reliability.png") for k in keys)
     import sqlalchemy
@@ -260,8 +262,8 @@ def test_postgres_restarting_mid_sweep_leaves_no_run_running(team_stack, tmp_pat
     )  # fmt: skip
     try:
         sid = sweep_id_once_job_1_logs(server, experiment, sweep)
-        team.stop(team_stack.dir, "postgres", say=quiet)
-        team.up(team_stack.dir, say=quiet)  # starts PostgreSQL again
+        stack.stop(team_stack.dir, "postgres", say=quiet)
+        stack.up(team_stack.dir, say=quiet)  # starts PostgreSQL again
         out, err = sweep.communicate(timeout=600)
     finally:
         sweep.kill()
@@ -294,9 +296,9 @@ def test_postgres_down_longer_than_the_retries_fails_the_job_with_its_error(team
     )  # fmt: skip
     try:
         sid = sweep_id_once_job_1_logs(server, experiment, sweep)
-        team.stop(team_stack.dir, "postgres", say=quiet)
+        stack.stop(team_stack.dir, "postgres", say=quiet)
         time.sleep(12)
-        team.up(team_stack.dir, say=quiet)
+        stack.up(team_stack.dir, say=quiet)
         out, err = sweep.communicate(timeout=600)
     finally:
         sweep.kill()

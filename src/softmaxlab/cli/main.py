@@ -83,7 +83,7 @@ COMMAND_TABLE = {
     "adopt": ("softmaxlab.cli.adopt", "adopt_cli"),
     "promote": ("softmaxlab.serving.promote", "promote_cli"),
     "serve": ("softmaxlab.serving.serve", "serve_cli"),
-    "team": ("softmaxlab.team.stack", "team_cli"),
+    "team": ("softmaxlab.team.cli", "team_cli"),
     "push": ("softmaxlab.team.remote", "push_cli"),
     "pull": ("softmaxlab.team.remote", "pull_cli"),
 }

@@ -1,0 +1,115 @@
+"""The team's PostgreSQL 15 (Debian's package): a cluster under .team/pg, listening on
+127.0.0.1, with the databases `mlflow`, `mlflow_auth` and `optuna` owned by the role
+`softmaxlab`, whose password is generated and kept in .team/secrets.json."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+from softmaxlab.core.errors import UserError
+from softmaxlab.core.processes import stop_group
+from softmaxlab.team.services import check_port_free, last_lines, record, run, running_pid, start_ticks
+from softmaxlab.team.state import DATABASES, DB_ROLE, HOST, State
+
+PG_BIN = Path(os.environ.get("SOFTMAXLAB_PG_BIN", "/usr/lib/postgresql/15/bin"))
+
+
+def as_postgres(cmd: list) -> list[str]:
+    """initdb refuses to run as root: as root, run PostgreSQL's programs as user postgres."""
+    cmd = [str(c) for c in cmd]
+    return ["runuser", "-u", "postgres", "--", *cmd] if os.geteuid() == 0 else cmd
+
+
+def pg_dirs(state: State) -> tuple[Path, Path, Path]:
+    return state.path("pg", "data"), state.path("pg", "run"), state.path("pg", "postgres.log")
+
+
+def _check_reachable_by_postgres(state: State) -> None:
+    if os.geteuid() != 0:
+        return
+    for d in [state.dir, *state.dir.parents]:
+        if subprocess.run(["runuser", "-u", "postgres", "--", "test", "-x", str(d)]).returncode != 0:
+            raise UserError(
+                f"PostgreSQL runs as user postgres, which cannot enter {d}: `chmod o+x {d}`, "
+                "or put the team state elsewhere with SOFTMAXLAB_TEAM_DIR=/path"
+            )
+
+
+def answers(state: State) -> bool:
+    return (
+        subprocess.run(
+            [str(PG_BIN / "pg_isready"), "-q", "-h", HOST, "-p", str(state.ports["postgres"])],
+            capture_output=True,
+        ).returncode
+        == 0
+    )
+
+
+def _psql(state: State, sql: str) -> str:
+    """SQL through psql's stdin on the state's own socket (so a password in it is never in argv)."""
+    _, run_dir, _ = pg_dirs(state)
+    cmd = [PG_BIN / "psql", "-X", "-q", "-At", "-v", "ON_ERROR_STOP=1", "-h", run_dir,
+           "-p", state.ports["postgres"], "-U", "postgres", "-d", "postgres", "-f", "-"]  # fmt: skip
+    return run(as_postgres(cmd), "psql", input=sql).stdout
+
+
+def start(state: State) -> str:
+    data, run_dir, log = pg_dirs(state)
+    created = False
+    if not (data / "PG_VERSION").exists():
+        _check_reachable_by_postgres(state)
+        for d in (state.path("pg"), data, run_dir):
+            d.mkdir(mode=0o700, parents=True, exist_ok=True)
+            if os.geteuid() == 0:
+                shutil.chown(d, "postgres", "postgres")
+        run(
+            as_postgres([PG_BIN / "initdb", "-D", data, "-U", "postgres", "--auth-local=trust",
+                         "--auth-host=scram-sha-256", "--encoding=UTF8", "--locale=C.UTF-8",
+                         "--no-instructions"]),
+            "initdb",
+        )  # fmt: skip
+        created = True
+    check_port_free(state, "postgres")
+    # The socket lives in .team/pg/run (0700, owned by postgres): the local `trust` login
+    # is open to nobody else; TCP on 127.0.0.1 needs the role's password.
+    options = f"-c listen_addresses={HOST} -p {state.ports['postgres']} -k {run_dir}"
+    subprocess.run(
+        as_postgres([PG_BIN / "pg_ctl", "-D", data, "-l", log, "-w", "-t", "60", "-o", options, "start"]),
+        capture_output=True, start_new_session=True,
+    )  # fmt: skip
+    if not answers(state):
+        raise UserError(f"PostgreSQL did not start: {last_lines(log)}")
+    pid = int((data / "postmaster.pid").read_text().split()[0])
+    record(state, "postgres", pid)
+    # Idempotent: the role (its password set from secrets.json each time) and the databases.
+    password = state.secrets["pg_password"]
+    sql = [
+        f"SELECT 'CREATE ROLE {DB_ROLE} LOGIN' WHERE NOT EXISTS "
+        f"(SELECT FROM pg_roles WHERE rolname = '{DB_ROLE}')\\gexec",
+        f"ALTER ROLE {DB_ROLE} LOGIN PASSWORD '{password}';",
+    ]
+    for db in DATABASES:
+        sql.append(
+            f"SELECT 'CREATE DATABASE {db} OWNER {DB_ROLE}' WHERE NOT EXISTS "
+            f"(SELECT FROM pg_database WHERE datname = '{db}')\\gexec"
+        )
+    _psql(state, "\n".join(sql) + "\n")
+    return "created and started" if created else "started"
+
+
+def stop(state: State) -> None:
+    data, _, _ = pg_dirs(state)
+    pid = running_pid(state, "postgres")
+    subprocess.run(
+        as_postgres([PG_BIN / "pg_ctl", "-D", data, "-m", "fast", "-w", "-t", "60", "stop"]),
+        capture_output=True,
+    )
+    if pid and start_ticks(pid):  # pg_ctl could not stop it: our PID, so stop its group
+        try:
+            pgid = os.getpgid(pid)
+        except ProcessLookupError:  # it stopped just now
+            return
+        stop_group(pgid)
