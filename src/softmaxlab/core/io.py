@@ -19,7 +19,7 @@ import numpy as np
 import pandas as pd
 
 from softmaxlab.core.errors import UserError
-from softmaxlab.core.metrics import CURVES
+from softmaxlab.core.metrics import HISTORY_COLUMNS
 
 FEATURES = ("x1", "x2")
 
@@ -153,7 +153,6 @@ def predictions_frame(logits: np.ndarray, probs: np.ndarray, labels: np.ndarray)
 
 
 RECREATE_TRAIN = "re-create it with `dvc repro -f -s train`"
-HISTORY_COLUMNS = ("epoch", *CURVES)
 TRAIN_INFO_KEYS = ("run_id", "experiment_id", "tracking_uri")
 
 

@@ -35,10 +35,10 @@ from softmaxlab.core import calibration
 from softmaxlab.core.config import Config, TrainConfig, fit_size
 from softmaxlab.core.errors import UserError
 from softmaxlab.core.io import FEATURES, predictions_frame, prob_columns
+from softmaxlab.core.metrics import HISTORY_COLUMNS
 from softmaxlab.model import backend
 from softmaxlab.model.network import build_loss, build_model, build_optimizer, keras_for, logits_model
 
-HISTORY_COLUMNS = ["epoch", "loss", "accuracy", "val_loss", "val_accuracy"]
 # A run whose validation accuracy ends this far below what the data allows (the nearest-
 # center rule, optimal for make_blobs' equal-variance blobs) is flagged: training failed.
 SHORTFALL_WARNING = 0.1
