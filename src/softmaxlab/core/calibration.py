@@ -1,3 +1,4 @@
+# Over 400 lines: metrics, bootstrap and temperature fit share the private bins and per-sample terms.
 """Calibration of class probabilities: NumPy/SciPy functions over probs (n, k) and labels (n,).
 
 Binning convention (Guo et al. 2017): n_bins equal-width bins (lo, hi] over [0, 1], edges
