@@ -55,7 +55,7 @@ def test_train_writes_what_it_ran_in_dvc_exp_show_order(trained):
 def test_stages_do_not_import_what_they_do_not_use(stage, absent):
     # Each `dvc repro` stage is its own process: an import it does not need costs seconds
     # on every run (TensorFlow ~6 s, MLflow ~3 s, matplotlib ~0.5 s on a 2-core machine).
-    code = f"import sys, softmaxlab.{stage}; print(sorted({absent!r} & set(sys.modules)))"
+    code = f"import sys, softmaxlab.stages.{stage}; print(sorted({absent!r} & set(sys.modules)))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
 
