@@ -4,7 +4,7 @@ Rows, each a fresh process timed from outside, medians of `--repeats`, ours and 
 tutorial's script interleaved (A B, then B A) so a shared machine's noise falls on both:
 
 - seed config (1,000 samples, batch 5, 30 epochs), whole script: import + make_blobs + fit +
-  predict. Ours is `softmaxlab.stages.train.train` on the default config with `train.backend` set;
+  predict. Ours is `softmaxlab.model.training.train` on the default config with `train.backend` set;
   the tutorial's script is the plain Keras script, run with the same `KERAS_BACKEND`.
 - 10^6 samples, batch 1024, 5 epochs: the same two scripts at that size.
 - `dvc repro` from a clean workspace with `train.backend=tensorflow` and `=jax`, against the
@@ -30,7 +30,7 @@ import json, os, time
 t0 = time.perf_counter()
 from softmaxlab.core.config import load_params
 from softmaxlab.stages.generate import generate
-from softmaxlab.stages.train import train
+from softmaxlab.model.training import train
 cfg = load_params("params.yaml")
 cfg.train.backend = os.environ["KERAS_BACKEND"]
 n = int(os.environ.get("BENCH_N", "0"))

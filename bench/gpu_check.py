@@ -1,8 +1,8 @@
 """GPU check: the `wide` model on the JAX backend, GPU against CPU, at 10^5 and 10^6 samples.
 
 Runs from the source tree (`PYTHONPATH=src`) on a machine that has JAX (with CUDA for the GPU
-rows) but maybe no TensorFlow, MLflow or DVC: it calls the same `train.train` the pipeline
-does, with tracking off. Each row is one `train.train` call in this process: `fit_s` is
+rows) but maybe no TensorFlow, MLflow or DVC: it calls the same `training.train` the pipeline
+does, with tracking off. Each row is one `training.train` call in this process: `fit_s` is
 Keras' fit (its first call per device includes XLA compilation), `total_s` adds building
 the model and the predictions on the validation, test and grid rows. `bench/gpu_check.sh`
 installs the few wheels a bare GPU machine lacks and runs this.
@@ -25,10 +25,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from softmaxlab.core.config import compose, to_config  # noqa: E402
 from softmaxlab.core.errors import UserError  # noqa: E402
-from softmaxlab.stages import (
-    generate,
-    train,  # noqa: E402
-)
+from softmaxlab.model import training  # noqa: E402
+from softmaxlab.stages import generate  # noqa: E402
 
 
 def config(n: int, device: str, epochs: int, batch: int):
@@ -69,7 +67,7 @@ def main() -> int:
             cfg = config(n, device, args.epochs, args.batch)
             t0 = time.perf_counter()
             try:
-                result = train.train(cfg, train_df, test_df)
+                result = training.train(cfg, train_df, test_df)
             except UserError as err:  # no GPU here: say so, keep the CPU rows
                 print(f"n={n} device={device}: skipped: {err}", flush=True)
                 continue

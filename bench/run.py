@@ -52,7 +52,7 @@ OURS_TRAIN = r"""
 import json, numpy as np
 from softmaxlab.core.config import load_params
 from softmaxlab.stages.generate import generate
-from softmaxlab.stages.train import train
+from softmaxlab.model.training import train
 cfg = load_params("params.yaml")
 train_df, test_df = generate(cfg.data)
 r = train(cfg, train_df, test_df)

@@ -18,7 +18,8 @@ import pytest
 from conftest import ROOT, compose_config, env_with_venv, make_project, run_cmd, tiny_overrides
 
 from softmaxlab.core.config import fit_size
-from softmaxlab.stages import pipeline, train
+from softmaxlab.model import training
+from softmaxlab.stages import pipeline
 
 pytest.importorskip("jax", reason="the jax extra is not installed (make setup-jax)")
 
@@ -33,7 +34,7 @@ def test_jax_device_probe_says_nothing_under_an_info_logger():
     # backend 'tpu'" line there on every run.
     code = (
         "import logging; logging.basicConfig(level=logging.INFO)\n"
-        "from softmaxlab import backend; print(backend.select_device('jax', 'auto')[1])"
+        "from softmaxlab.model import backend; print(backend.select_device('jax', 'auto')[1])"
     )
     proc = run_cmd([sys.executable, "-c", code], ROOT, env_with_venv(KERAS_BACKEND="jax"))
     assert proc.stdout.strip() == "CPU" and "xla_bridge" not in proc.stderr, proc.stderr
@@ -44,11 +45,11 @@ import json, sys
 import numpy as np
 from softmaxlab.core.config import compose, to_config
 from softmaxlab.stages import pipeline
-from softmaxlab.stages import train
+from softmaxlab.model import training
 from softmaxlab.core.io import logit_columns
 cfg = to_config(compose({overrides!r}, with_schema=True))
 tr, te = pipeline.data_for(cfg.data)
-result = train.train(cfg, tr, te)
+result = training.train(cfg, tr, te)
 result.model.save({path!r})
 x = te[["x1", "x2"]].to_numpy(np.float32)[:20]
 print(json.dumps({{"device": result.device, "backend": result.backend,
@@ -60,16 +61,15 @@ print(json.dumps({{"device": result.device, "backend": result.backend,
 LOAD = """
 import json, sys
 import numpy as np
-from softmaxlab.model import backend
-from softmaxlab.stages import train
+from softmaxlab.model import backend, network
 keras = backend.keras_module({backend!r})
 from softmaxlab.core.config import compose, to_config
 from softmaxlab.stages import pipeline
 cfg = to_config(compose({overrides!r}, with_schema=True))
 _, te = pipeline.data_for(cfg.data)
-model = train.load_model({path!r})
+model = network.load_model({path!r})
 x = te[["x1", "x2"]].to_numpy(np.float32)[:20]
-logits = keras.ops.convert_to_numpy(train.logits_model(model)(x))
+logits = keras.ops.convert_to_numpy(network.logits_model(model)(x))
 probs = keras.ops.convert_to_numpy(model(x))
 print(json.dumps({{"backend": keras.backend.backend(), "logits": logits.tolist(), "probs": probs.tolist()}}))
 """
@@ -130,7 +130,7 @@ def test_dvc_repro_on_jax_records_its_backend(tmp_path):
 
 def test_a_process_refuses_a_second_backend_in_one_line():
     code = (
-        "from softmaxlab import backend; from softmaxlab.core.errors import UserError\n"
+        "from softmaxlab.model import backend; from softmaxlab.core.errors import UserError\n"
         "backend.keras_module('jax')\n"
         "try:\n    backend.use('tensorflow')\nexcept UserError as e:\n    print(e)\n"
     )
@@ -142,9 +142,10 @@ def test_a_process_refuses_a_second_backend_in_one_line():
 def test_jax_process_does_not_import_tensorflow():
     # Keras' set_random_seed would import TensorFlow "for tf.data" (seconds, CUDA chatter).
     code = (
-        "import sys\nfrom softmaxlab.core.config import compose, to_config\nfrom softmaxlab import pipeline, train\n"
+        "import sys\nfrom softmaxlab.core.config import compose, to_config\n"
+        "from softmaxlab.stages import pipeline\nfrom softmaxlab.model import training\n"
         f"cfg = to_config(compose({tiny_overrides('train.backend=jax', 'train.epochs=1')!r}, with_schema=True))\n"
-        "train.train(cfg, *pipeline.data_for(cfg.data))\n"
+        "training.train(cfg, *pipeline.data_for(cfg.data))\n"
         "print('tensorflow' in sys.modules)\n"
     )
     assert python(code, "jax").strip().splitlines()[-1] == "False"
@@ -166,7 +167,7 @@ def test_early_stopping_from_config_stops_before_the_last_epoch():
             "train.early_stopping.monitor=val_accuracy", "train.early_stopping.patience=1",
         )
     )  # fmt: skip
-    result = train.train(cfg, *pipeline.data_for(cfg.data))
+    result = training.train(cfg, *pipeline.data_for(cfg.data))
     assert 2 <= len(result.history) < 40
     assert list(result.history["epoch"]) == list(range(1, len(result.history) + 1))
 
@@ -175,8 +176,8 @@ def test_a_run_far_below_what_the_data_allows_says_so(tmp_path):
     # SGD with momentum at lr 0.01 kills the ReLUs on the blobs' unscaled inputs (seen on
     # the README's old example): validation accuracy stays near 0.5 where 1.0 is possible.
     cfg = compose_config(*tiny_overrides("optimizer=sgd", "optimizer.lr=0.05", "train.epochs=3"))
-    result = train.train(cfg, *pipeline.data_for(cfg.data))
-    warning = train.shortfall(result)
+    result = training.train(cfg, *pipeline.data_for(cfg.data))
+    warning = training.shortfall(result)
     assert warning and "far below" in warning and "this data allows" in warning
     # ... in the Hydra app's summary and in the report too.
     out = run_cmd(
@@ -187,15 +188,15 @@ def test_a_run_far_below_what_the_data_allows_says_so(tmp_path):
     page = (tmp_path / "run" / "reports" / "report.html").read_text()
     assert "Training failed." in page and "this data allows" in page
     good = compose_config(*tiny_overrides("train.epochs=12"))
-    assert train.shortfall(train.train(good, *pipeline.data_for(good.data))) is None
+    assert training.shortfall(training.train(good, *pipeline.data_for(good.data))) is None
 
 
 PROGRESS = f"""
 from softmaxlab.core.config import compose, to_config
 from softmaxlab.stages import pipeline
-from softmaxlab.stages import train
+from softmaxlab.model import training
 cfg = to_config(compose({tiny_overrides("tracking.enabled=false")!r}, with_schema=True))
-train.train(cfg, *pipeline.data_for(cfg.data), progress=train.show_progress())
+training.train(cfg, *pipeline.data_for(cfg.data), progress=training.show_progress())
 print("done")
 """
 
@@ -228,9 +229,9 @@ def test_keras_progress_shows_on_a_terminal_and_stays_out_of_captured_output():
 def test_ci_logs_get_no_progress_bar_even_on_a_terminal(monkeypatch):
     monkeypatch.setattr(sys.stdout, "isatty", lambda: True)
     monkeypatch.setenv("CI", "true")
-    assert train.show_progress() is False
+    assert training.show_progress() is False
     monkeypatch.delenv("CI")
-    assert train.show_progress() is True
+    assert training.show_progress() is True
 
 
 def test_a_sweep_that_mixes_backends_fails_once_before_any_job(tmp_path):

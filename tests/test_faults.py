@@ -534,7 +534,7 @@ def test_same_config_gives_identical_bytes_and_metrics_in_fresh_projects(tmp_pat
 def test_saved_model_loads_in_keras_safe_mode(good_project):
     import numpy as np
 
-    from softmaxlab.stages.train import load_model
+    from softmaxlab.model.network import load_model
 
     model = load_model(good_project / "models" / "model.keras")
     test = pd.read_parquet(good_project / "data" / "test.parquet")
@@ -546,7 +546,7 @@ def test_saved_model_loads_in_keras_safe_mode(good_project):
 def test_unsafe_model_is_refused_in_safe_mode(tmp_path):
     import keras
 
-    from softmaxlab.stages.train import load_model
+    from softmaxlab.model.network import load_model
 
     model = keras.Sequential([keras.Input((2,)), keras.layers.Lambda(lambda x: x * 2)])
     path = tmp_path / "unsafe.keras"

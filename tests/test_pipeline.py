@@ -14,8 +14,8 @@ from conftest import compose_config, tiny_overrides
 
 from softmaxlab.core import metrics as names
 from softmaxlab.core.io import n_classes_of, read_predictions
-from softmaxlab.model import backend
-from softmaxlab.stages import generate, pipeline, train
+from softmaxlab.model import backend, network, training
+from softmaxlab.stages import generate, pipeline
 
 
 def test_stages_write_every_output(trained):
@@ -55,7 +55,7 @@ def test_train_writes_what_it_ran_in_dvc_exp_show_order(trained):
 def test_stages_do_not_import_what_they_do_not_use(stage, absent):
     # Each `dvc repro` stage is its own process: an import it does not need costs seconds
     # on every run (TensorFlow ~6 s, MLflow ~3 s, matplotlib ~0.5 s on a 2-core machine).
-    code = f"import sys, softmaxlab.{stage}; print(sorted({absent!r} & set(sys.modules)))"
+    code = f"import sys, softmaxlab.stages.{stage}; print(sorted({absent!r} & set(sys.modules)))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
 
@@ -64,7 +64,7 @@ def test_stages_do_not_import_what_they_do_not_use(stage, absent):
 def test_train_stage_loads_keras_without_sklearn_and_leaves_sklearn_importable():
     # keras would import scikit-learn and SciPy's stats (~1.4 s) for wrappers we never use.
     code = (
-        "import sys; from softmaxlab import backend; backend.keras_module('tensorflow'); import keras;"
+        "import sys; from softmaxlab.model import backend; backend.keras_module('tensorflow'); import keras;"
         "hidden = 'sklearn' not in sys.modules and 'scipy.stats' not in sys.modules;"
         "from sklearn.datasets import make_blobs; make_blobs(n_samples=4, random_state=0);"
         "print(hidden, keras.layers.Dense(2)(keras.ops.ones((1, 3))).shape)"
@@ -113,7 +113,7 @@ def test_the_validation_split_is_the_last_fifth_of_the_training_data(trained):
     assert len(labels) == 60
     np.testing.assert_array_equal(labels, data["label"].to_numpy()[-60:])
     # The saved model, run on those rows, gives the saved validation predictions.
-    model = train.load_model(root / cfg.paths.model)
+    model = network.load_model(root / cfg.paths.model)
     probs = np.asarray(model(data[["x1", "x2"]].to_numpy(np.float32)[-60:]))
     np.testing.assert_allclose(probs, np.exp(logits) / np.exp(logits).sum(1, keepdims=True), atol=1e-5)
 
@@ -172,8 +172,8 @@ def test_same_config_gives_bit_identical_data_and_only_data_seed_moves_it():
 def test_same_config_gives_identical_training_on_cpu():
     cfg = compose_config(*tiny_overrides())
     train_df, test_df = pipeline.data_for(cfg.data)
-    a = train.train(cfg, train_df, test_df)
-    b = train.train(cfg, train_df, test_df)
+    a = training.train(cfg, train_df, test_df)
+    b = training.train(cfg, train_df, test_df)
     pd.testing.assert_frame_equal(a.history, b.history, check_exact=True)
     pd.testing.assert_frame_equal(a.predictions["test"], b.predictions["test"], check_exact=True)
 
@@ -182,7 +182,7 @@ def test_seed_config_reaches_the_tutorials_accuracy_through_keras_fit():
     """The tutorial's exact defaults (30 epochs, batch 5, Adam 1e-3) through keras.Model.fit."""
     cfg = compose_config()
     train_df, test_df = pipeline.data_for(cfg.data)
-    result = train.train(cfg, train_df, test_df)
+    result = training.train(cfg, train_df, test_df)
     _, probs, labels = read_predictions_frame(result.predictions["test"])
     assert np.mean(probs.argmax(1) == labels) >= 0.99
     assert len(result.history) == 30

@@ -67,7 +67,8 @@ def job(dcfg) -> float:
     from hydra.types import RunMode
 
     from softmaxlab.core.config import to_config
-    from softmaxlab.stages import evaluate, pipeline, train
+    from softmaxlab.model import training
+    from softmaxlab.stages import evaluate, pipeline
     from softmaxlab.sweeps import callback as sweep
     from softmaxlab.sweeps import cluster
     from softmaxlab.tracking import tracker as tracking
@@ -114,7 +115,7 @@ def job(dcfg) -> float:
         return pipeline.run(
             cfg, Path(hc.runtime.output_dir), tracker, run_name=overrides or None,
             parent_run_id=sweep.parent_run_id() if multirun else None, tags=tags,
-            progress=not multirun and train.show_progress(),  # a sweep's jobs: one line each
+            progress=not multirun and training.show_progress(),  # a sweep's jobs: one line each
         )  # fmt: skip
 
     try:

@@ -1,3 +1,4 @@
+# Over 400 lines: metrics, bootstrap and temperature fit share the private bins and per-sample terms.
 """Calibration of class probabilities: NumPy/SciPy functions over probs (n, k) and labels (n,).
 
 Binning convention (Guo et al. 2017): n_bins equal-width bins (lo, hi] over [0, 1], edges
@@ -12,6 +13,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from softmaxlab.core.checks import distribution_fault, label_outside
 from softmaxlab.core.errors import UserError
 
 if TYPE_CHECKING:  # pandas is imported only by the two table functions: it costs ~0.5 s
@@ -57,25 +59,22 @@ def _as_labels(labels, n: int, k: int) -> np.ndarray:
             i = int(np.flatnonzero(bad)[0])
             raise CalibrationInputError(f"labels must be integers; got {y[i]} at index {i}")
     y = y.astype(np.int64)
-    bad = (y < 0) | (y >= k)
-    if bad.any():
-        i = int(np.flatnonzero(bad)[0])
+    i = label_outside(y, k)
+    if i is not None:
         raise CalibrationInputError(f"label {y[i]} at index {i} is outside 0..{k - 1}")
     return y
 
 
 def check_inputs(probs, labels, atol: float = 1e-3) -> tuple[np.ndarray, np.ndarray]:
     """Validated float64 (n, k) probabilities and int64 (n,) labels, or CalibrationInputError."""
-    p = _as_matrix(probs, "probabilities")
-    bad = (p < 0) | (p > 1)
-    if bad.any():
-        i, j = np.argwhere(bad)[0]
-        raise CalibrationInputError(f"probability {p[i, j]} at row {i}, column {j} not in [0, 1]")
-    sums = p.sum(axis=1)
-    worst = int(np.argmax(np.abs(sums - 1)))
-    if abs(sums[worst] - 1) > atol:
+    p = _as_matrix(probs, "probabilities")  # finite: NaN and infinities are refused there
+    fault = distribution_fault(p, atol)
+    if fault is not None:
+        i, j = fault
+        if j is not None:
+            raise CalibrationInputError(f"probability {p[i, j]} at row {i}, column {j} not in [0, 1]")
         raise CalibrationInputError(
-            f"each row must sum to 1 (within {atol}); row {worst} sums to {sums[worst]:.6g}"
+            f"each row must sum to 1 (within {atol}); row {i} sums to {p[i].sum():.6g}"
         )
     return p, _as_labels(labels, *p.shape)
 

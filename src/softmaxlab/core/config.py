@@ -230,17 +230,7 @@ def as_dict(cfg: Config) -> dict[str, Any]:
 
 def flatten(cfg: Config) -> dict[str, Any]:
     """`model.hidden` style keys, the form MLflow params and DVC's tables use."""
-    out: dict[str, Any] = {}
-
-    def walk(prefix: str, node: Any) -> None:
-        if isinstance(node, dict):
-            for k, v in node.items():
-                walk(f"{prefix}.{k}" if prefix else k, v)
-        else:
-            out[prefix] = node
-
-    walk("", as_dict(cfg))
-    return out
+    return leaves(as_dict(cfg))
 
 
 def _bad(key: str, value: Any, allowed: str) -> UserError:

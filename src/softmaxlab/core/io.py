@@ -18,8 +18,9 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from softmaxlab.core.checks import distribution_fault, label_outside
 from softmaxlab.core.errors import UserError
-from softmaxlab.core.metrics import CURVES
+from softmaxlab.core.metrics import HISTORY_COLUMNS
 
 FEATURES = ("x1", "x2")
 
@@ -121,9 +122,8 @@ def read_split(path: str | os.PathLike, n_classes: int | None = None) -> pd.Data
         raise UserError(f"{path}: column label has dtype {df['label'].dtype}, expected integer")
     if n_classes is not None:
         labels = df["label"].to_numpy()
-        bad = (labels < 0) | (labels >= n_classes)
-        if bad.any():
-            row = int(np.flatnonzero(bad)[0])
+        row = label_outside(labels, n_classes)
+        if row is not None:
             raise UserError(
                 f"{path}: label {labels[row]} at row {row} is outside 0..{n_classes - 1} "
                 f"(the config has {n_classes} centers)"
@@ -153,24 +153,22 @@ def predictions_frame(logits: np.ndarray, probs: np.ndarray, labels: np.ndarray)
 
 
 RECREATE_TRAIN = "re-create it with `dvc repro -f -s train`"
-HISTORY_COLUMNS = ("epoch", *CURVES)
 TRAIN_INFO_KEYS = ("run_id", "experiment_id", "tracking_uri")
 
 
 def _check_probabilities(path, probs: np.ndarray, atol: float = 1e-3) -> None:
     """Each row a distribution: finite, in [0, 1], summing to 1 (a hand-edited file is not)."""
-    bad = ~np.isfinite(probs) | (probs < 0) | (probs > 1)
-    if bad.any():
-        i, j = np.argwhere(bad)[0]
+    fault = distribution_fault(probs, atol)
+    if fault is None:
+        return
+    i, j = fault
+    if j is not None:
         raise UserError(
             f"{path}: probability p{j} = {probs[i, j]} at row {i} is not in [0, 1]; {RECREATE_TRAIN}"
         )
-    off = np.abs(probs.sum(axis=1) - 1)
-    if (off > atol).any():
-        i = int(np.argmax(off))
-        raise UserError(
-            f"{path}: the probabilities of row {i} sum to {probs[i].sum():.6g}, not 1; {RECREATE_TRAIN}"
-        )
+    raise UserError(
+        f"{path}: the probabilities of row {i} sum to {probs[i].sum():.6g}, not 1; {RECREATE_TRAIN}"
+    )
 
 
 def read_predictions(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

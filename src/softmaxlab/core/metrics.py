@@ -49,6 +49,7 @@ CURVES = {
     "val_loss": "curves/val_loss",
     "val_accuracy": "curves/val_accuracy",
 }
+HISTORY_COLUMNS = ("epoch", *CURVES)  # reports/history.csv: one row per epoch
 TRAIN_SECONDS = "train/seconds"
 
 # What a sweep job returns to the sweeper, and which way is better. Validation metrics only:

@@ -2,7 +2,7 @@
 
 Keras 3 runs one model on TensorFlow or JAX; the backend is fixed per process by
 `KERAS_BACKEND` before `import keras`. Everything that decides or loads it lives here, so
-`train.py` reads as training:
+`training.py` reads as training:
 
 - `use(name)` sets the backend for this process, or refuses (one line) when Keras is already
   loaded on another one: a sweep that varies `train.backend` needs a process per job.
@@ -122,7 +122,7 @@ def keras_module(name: str):
     if name == "tensorflow":
         # Retracing warnings are expected: every sweep job builds a new model.
         tf.get_logger().setLevel("ERROR")
-    # Keras' progress display is turned on for training on a terminal only (train.fit);
+    # Keras' progress display is turned on for training on a terminal only (training.fit);
     # everywhere else (MLflow's log_model runs a predict) it stays off. Off a terminal, Keras
     # sends it to absl's logger, which Hydra's INFO level would still print.
     keras.config.disable_interactive_logging()

@@ -14,6 +14,8 @@ import datetime as dt
 import math
 from dataclasses import dataclass
 
+from tabulate import tabulate
+
 from softmaxlab.core import metrics as names
 from softmaxlab.core.errors import UserError, first_line
 
@@ -88,10 +90,9 @@ def table(cands: list[Candidate], current: int | None) -> str:
             note = ", ".join(filter(None, [f"current {ALIAS}", note]))
         cells = [str(rank) if not c.excluded else "-", str(c.version), c.run_id[:12]]
         rows.append(cells + [num(c, k) for k in (VAL_ACCURACY, VAL_NLL, *SHOWN)] + [note])
-    widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
-    return "\n".join(
-        "  ".join(cell.ljust(w) for cell, w in zip(r, widths, strict=True)).rstrip() for r in [head, *rows]
-    )
+    # Plain: no rules, one line a row, cells as written (numparse would make 0.9700 0.97). The
+    # header goes in as the first row: as `headers` tabulate would pad its columns 2 wider.
+    return tabulate([head, *rows], tablefmt="plain", disable_numparse=True)
 
 
 def current_champion(client, name: str) -> int | None:

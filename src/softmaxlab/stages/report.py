@@ -113,7 +113,7 @@ def _temperature_warning(m: dict[str, float]) -> str:
 
 
 def _training_warning(info: dict) -> str:
-    """The train stage's shortfall warning (train.shortfall): training far below what the data allows."""
+    """The train stage's shortfall warning (training.shortfall): training far below what the data allows."""
     if not info.get("warning"):
         return ""
     return f'<p class="warn"><strong>Training failed.</strong> {html.escape(str(info["warning"]))}.</p>'
