@@ -335,8 +335,8 @@ def test_a_later_stage_that_fails_leaves_the_run_failed_with_its_error(tmp_path,
     project = make_project(tmp_path / "proj", *tiny_overrides())
     dvc_yaml = project / "dvc.yaml"
     good = dvc_yaml.read_text()
-    damage = f"python -c \"open('{damaged}', 'w').write('damaged')\" && python -m softmaxlab.{stage}"
-    dvc_yaml.write_text(good.replace(f"cmd: python -m softmaxlab.{stage}", f"cmd: {damage}"))
+    damage = f"python -c \"open('{damaged}', 'w').write('damaged')\" && python -m softmaxlab.stages.{stage}"
+    dvc_yaml.write_text(good.replace(f"cmd: python -m softmaxlab.stages.{stage}", f"cmd: {damage}"))
     proc = run_cmd(["dvc", "repro"], project, check=False)
     assert proc.returncode != 0 and error in proc.stderr, proc.stderr
     client, runs = runs_in(project)
