@@ -68,7 +68,7 @@ gpu-check: setup-jax
 ## run: the whole pipeline (dvc repro); a second run says it is up to date
 run: setup
 	dvc repro
-	@$(BIN)/python -m softmaxlab.tracking.tracker
+	@$(BIN)/python -m softmaxlab.tracking.where
 	@git diff --quiet HEAD -- dvc.lock 2>/dev/null || echo "note: dvc.lock changed: this run's model.keras, \
 	reports/train.json and report.html always differ from the committed run's (save time, MLflow run id), \
 	and other CPUs can change predictions in the last bits; commit dvc.lock to record this run \

@@ -132,11 +132,11 @@ def tracking_uri(tmp_path_factory) -> str:
 def trained(tmp_path_factory, tracking_uri):
     """One tiny in-process run of the whole pipeline, shared by the session's tests."""
     from softmaxlab.stages import pipeline
-    from softmaxlab.tracking import tracker as tracking
+    from softmaxlab.tracking.tracker import connect
 
     cfg = compose_config(*tiny_overrides(f"tracking.uri={tracking_uri}"))
     root = tmp_path_factory.mktemp("run")
-    tracker = tracking.connect(cfg)
+    tracker = connect(cfg)
     metrics = pipeline.run(cfg, root, tracker, run_name="session-fixture")
     return {"cfg": cfg, "root": root, "metrics": metrics, "tracker": tracker, "run_id": metrics["run_id"]}
 

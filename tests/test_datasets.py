@@ -73,7 +73,7 @@ def test_a_dataset_another_job_inserted_first_is_told_apart_from_other_errors():
     """The race a parallel sweep hits (two jobs log the same dataset at once; seen on a 2-node
     Ray sweep, one job FAILED): the store's unique key on (experiment, name, digest), as sqlite
     and PostgreSQL (through the server) word it, is retried; nothing else is."""
-    from softmaxlab.tracking.tracker import dataset_insert_race
+    from softmaxlab.tracking.provenance import dataset_insert_race
 
     sqlite = "(sqlite3.IntegrityError) UNIQUE constraint failed: datasets.experiment_id, datasets.name, datasets.digest"
     postgres = 'duplicate key value violates unique constraint "dataset_pk" DETAIL: Key (experiment_id, name, digest)'

@@ -556,7 +556,7 @@ def test_unsafe_model_is_refused_in_safe_mode(tmp_path):
 
 
 def test_credentials_in_the_tracking_uri_are_never_written():
-    from softmaxlab.tracking.tracker import redact
+    from softmaxlab.tracking.server import redact
 
     assert redact("https://alice:s3cret@mlflow.example:5000/x") == "https://***@mlflow.example:5000/x"
     assert redact("sqlite:////tmp/mlflow.db") == "sqlite:////tmp/mlflow.db"

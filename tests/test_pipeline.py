@@ -219,7 +219,7 @@ def test_tensorflow_start_up_noise_is_held_back_but_replayed_when_it_fails(capfd
 
 
 def test_git_dirty_tag_says_whether_tracked_files_changed(tmp_path):
-    from softmaxlab.tracking.tracker import git_state
+    from softmaxlab.tracking.provenance import git_state
 
     def git(*args):
         subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=tmp_path, check=True,
@@ -240,14 +240,14 @@ def test_nothing_from_the_environment_reaches_the_run(tmp_path, tracking_uri, mo
     # no tag, param, metric name or artifact of a run.
     import mlflow
 
-    from softmaxlab.tracking import tracker as tracking
+    from softmaxlab.tracking.tracker import connect
 
     secrets = {"SOFTMAXLAB_TEST_TOKEN": "tok-4f1b9c2e7d", "MLFLOW_TRACKING_PASSWORD": "pw-8e3a1c55b0",
                "AWS_SECRET_ACCESS_KEY": "aws-77c0d9e1f2"}  # fmt: skip
     for name, value in secrets.items():
         monkeypatch.setenv(name, value)
     cfg = compose_config(*tiny_overrides(f"tracking.uri={tracking_uri}", "tracking.log_model=true"))
-    tracker = tracking.connect(cfg)
+    tracker = connect(cfg)
     run_id = pipeline.run(cfg, tmp_path / "run", tracker, run_name="secrets")["run_id"]
     run = tracker.client.get_run(run_id)
     data = run.data

@@ -280,7 +280,7 @@ def two_runs(tmp_path_factory):
     """A project with two tiny runs (seeds 0 and 1) registered as versions 1 and 2 of `served`,
     on overlapping classes: there the temperature is fitted inside its bounds."""
     from softmaxlab.stages import pipeline
-    from softmaxlab.tracking import tracker as tracking
+    from softmaxlab.tracking.tracker import connect
 
     overrides = tiny_overrides("data=overlap", "train.epochs=5", "tracking.registered_model=served")
     project = make_project(tmp_path_factory.mktemp("serve") / "proj", *overrides)
@@ -289,7 +289,7 @@ def two_runs(tmp_path_factory):
     for seed in (0, 1):
         cfg = compose_config(*overrides, f"seed={seed}", f"tracking.uri={uri}")
         root = project / f"run{seed}"
-        metrics = pipeline.run(cfg, root, tracking.connect(cfg), run_name=f"seed{seed}")
+        metrics = pipeline.run(cfg, root, connect(cfg), run_name=f"seed{seed}")
         test = pd.read_parquet(root / cfg.paths.test_data)[["x1", "x2"]]
         runs.append({"cfg": cfg, "root": root, "metrics": metrics, "test": test})
     return project, uri, runs

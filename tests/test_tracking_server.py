@@ -77,11 +77,11 @@ def silent_server(silent) -> str:
 
 
 def test_silent_server_is_noticed_by_one_probe_and_runs_fall_back(silent, tmp_path, monkeypatch):
-    from softmaxlab.tracking import tracker as tracking
+    from softmaxlab.tracking.tracker import connect
 
     cfg = compose_config(*tiny_overrides(f"tracking.uri={silent.uri}"))
     monkeypatch.chdir(tmp_path)  # the fallback store is <project root>/mlflow.db: keep it here
-    tracker = tracking.connect(cfg)
+    tracker = connect(cfg)
     assert tracker.fallback_from == silent.uri and tracker.uri.startswith("sqlite:///")
     # One /health probe with its own short timeout decided it, not MLflow's HTTP retries
     # (minutes against a server that never answers).
@@ -310,7 +310,7 @@ def test_credentials_reach_a_server_behind_a_login_and_are_never_shown(tmp_path)
             # 1. User info in the URI: the check and every MLflow call carry it; nothing shows it.
             with_userinfo = f"http://alice:{secret}@127.0.0.1:{front}"
             repro = run_cmd(["dvc", "repro"], project, env=env_with_venv(MLFLOW_TRACKING_URI=with_userinfo))
-            summary = run_cmd([sys.executable, "-m", "softmaxlab.tracking.tracker"], project,
+            summary = run_cmd([sys.executable, "-m", "softmaxlab.tracking.where"], project,
                               env=env_with_venv(MLFLOW_TRACKING_URI=with_userinfo))  # fmt: skip
             out = repro.stdout + repro.stderr + summary.stdout + summary.stderr
             assert "unreachable" not in out, out
@@ -321,12 +321,12 @@ def test_credentials_reach_a_server_behind_a_login_and_are_never_shown(tmp_path)
             # 2. MLflow's own variables, with the URI bare.
             env = env_with_venv(MLFLOW_TRACKING_URI=f"http://127.0.0.1:{front}", MLFLOW_TRACKING_USERNAME="alice",
                                 MLFLOW_TRACKING_PASSWORD=secret)  # fmt: skip
-            by_env = run_cmd([sys.executable, "-m", "softmaxlab.tracking.tracker"], project, env=env)
+            by_env = run_cmd([sys.executable, "-m", "softmaxlab.tracking.where"], project, env=env)
             assert "unreachable" not in by_env.stderr and "MLflow store: http://127.0.0.1:" in by_env.stdout
             # 3. A wrong password is refused by the server: the run falls back, said redacted.
             wrong = f"http://alice:wrong-{secret}@127.0.0.1:{front}"
             bad = run_cmd(
-                [sys.executable, "-m", "softmaxlab.tracking.tracker"],
+                [sys.executable, "-m", "softmaxlab.tracking.where"],
                 project,
                 env=env_with_venv(MLFLOW_TRACKING_URI=wrong),
             )

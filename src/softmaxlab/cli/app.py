@@ -71,7 +71,8 @@ def job(dcfg) -> float:
     from softmaxlab.stages import evaluate, pipeline
     from softmaxlab.sweeps import callback as sweep
     from softmaxlab.sweeps import cluster
-    from softmaxlab.tracking import tracker as tracking
+    from softmaxlab.tracking.server import is_tracking_error, redact
+    from softmaxlab.tracking.tracker import REPLACES_TAG, connect, end_stranded, server_lost
 
     _state["entered"] = True
     if isinstance(sys.stderr, _HeldStderr):
@@ -94,16 +95,16 @@ def job(dcfg) -> float:
         return float("nan")
 
     if multirun:
-        tracking.end_stranded()  # an earlier job's run the store could not end then
+        end_stranded()  # an earlier job's run the store could not end then
     try:
         cfg = to_config(dcfg)
-        tracker = tracking.connect(cfg)
+        tracker = connect(cfg)
     except UserError as err:
         if multirun:
             try:
                 sweep.record_failed_job(hc.job.num, overrides, str(err))
             except Exception as record_err:  # the store is what fails: recorded at the sweep's end
-                if not tracking.is_tracking_error(record_err):
+                if not is_tracking_error(record_err):
                     raise
                 sweep.defer_failed_job(hc.job.num, overrides, str(err))
         return failed(err)
@@ -122,28 +123,28 @@ def job(dcfg) -> float:
         try:
             metrics = run(tracker)
         except Exception as err:
-            why = tracking.server_lost(tracker) if tracking.is_tracking_error(err) else None
+            why = server_lost(tracker) if is_tracking_error(err) else None
             if not why:
                 raise
             # The tracking server went away during this job: run it again into the local
             # store, as a job that starts with the server down would (`softmaxlab sync` sends
             # it later and retires the unfinished run on the server, named in the tag).
             print(
-                f"softmaxlab: warning: MLflow server {tracking.redact(tracker.uri)} stopped answering "
+                f"softmaxlab: warning: MLflow server {redact(tracker.uri)} stopped answering "
                 f"during job {hc.job.num} ({why}); running it again into the local store",
                 file=sys.stderr, flush=True,
             )  # fmt: skip
-            tags[tracking.REPLACES_TAG] = tracker.last_run_id or ""
-            metrics = run(tracking.connect(cfg))
+            tags[REPLACES_TAG] = tracker.last_run_id or ""
+            metrics = run(connect(cfg))
     except UserError as err:  # its run, if it had one, is already marked FAILED
         return failed(err)
     except Exception as err:
-        if not (multirun and tracking.is_tracking_error(err)):
+        if not (multirun and is_tracking_error(err)):
             raise
         # The store failed this job (say, its database restarted for longer than MLflow's
         # retries): the job fails alone, its run FAILED with the error where the store allows.
         first = first_line(err)
-        return failed(UserError(f"tracking store {tracking.redact(tracker.uri)}: {first}"))
+        return failed(UserError(f"tracking store {redact(tracker.uri)}: {first}"))
     value = metrics.get(cfg.objective, float("nan"))
     print(f"softmaxlab: {evaluate.summary_line(metrics)}; outputs in {hc.runtime.output_dir}")
     if metrics.get("warning"):

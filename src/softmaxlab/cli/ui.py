@@ -40,36 +40,37 @@ def remote_link(uri: str, experiment: str) -> str:
     from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
 
-    from softmaxlab.tracking import tracker as tracking
+    from softmaxlab.tracking.server import reachable, redact, refusal
+    from softmaxlab.tracking.store import runs_table_url
 
-    why = tracking.reachable(uri)
+    why = reachable(uri)
     if why:
         raise UserError(
-            f"the tracking server {tracking.redact(uri)} (MLFLOW_TRACKING_URI or tracking.uri) does not "
+            f"the tracking server {redact(uri)} (MLFLOW_TRACKING_URI or tracking.uri) does not "
             f"answer ({why}): start it (`make team-up`), or unset MLFLOW_TRACKING_URI for the local store"
         )
     try:
         exp = MlflowClient(uri).get_experiment_by_name(experiment)
     except MlflowException as err:
-        if tracking.refusal(err):
+        if refusal(err):
             raise UserError(
-                f"the tracking server {tracking.redact(uri)} refused the credentials: set "
+                f"the tracking server {redact(uri)} refused the credentials: set "
                 "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD (`source .team/env`, or your user's)"
             ) from None
-        raise UserError(f"the tracking server {tracking.redact(uri)}: {first_line(err)}") from None
-    base = tracking.redact(uri).rstrip("/")
-    return tracking.runs_table_url(exp.experiment_id, base) if exp else f"{base}/#/experiments"
+        raise UserError(f"the tracking server {redact(uri)}: {first_line(err)}") from None
+    base = redact(uri).rstrip("/")
+    return runs_table_url(exp.experiment_id, base) if exp else f"{base}/#/experiments"
 
 
 def serve(port: int = DEFAULT_PORT, log: Path | None = None) -> int:
     """Start `mlflow ui` on the project's store, print the link once it answers, and wait
     for it (Ctrl-C stops it). Returns the server's exit code."""
     from softmaxlab.core.config import load_params, project_root
-    from softmaxlab.tracking import tracker as tracking
+    from softmaxlab.tracking.store import ensure_experiment, resolve_uri, runs_table_url
 
     root = project_root()
     cfg = load_params(root / "params.yaml")
-    remote = tracking.resolve_uri(cfg)
+    remote = resolve_uri(cfg)
     if remote.startswith(("http://", "https://")):
         link = remote_link(remote, cfg.tracking.experiment)
         print(f"MLflow UI: the tracking server is the UI (MLFLOW_TRACKING_URI): {link}", flush=True)
@@ -91,7 +92,7 @@ def serve(port: int = DEFAULT_PORT, log: Path | None = None) -> int:
     # A fresh store's "Creating initial MLflow database tables" lines say nothing useful here.
     logging.getLogger("mlflow").setLevel(logging.WARNING)
     # The experiment must exist for the link to name it; a fresh clone has no store yet.
-    experiment_id = tracking.ensure_experiment(store, cfg.tracking.experiment)
+    experiment_id = ensure_experiment(store, cfg.tracking.experiment)
     with open(log, "w") as out:
         server = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=root)
     try:
@@ -103,9 +104,7 @@ def serve(port: int = DEFAULT_PORT, log: Path | None = None) -> int:
             time.sleep(0.5)
         if server.poll() is not None:  # something else answers on that port
             raise UserError(f"port {port} is taken: {_last_line(log)}; try `softmaxlab ui {port + 1}`")
-        print(
-            f"MLflow UI ready: {tracking.runs_table_url(experiment_id, f'http://{HOST}:{port}')}", flush=True
-        )
+        print(f"MLflow UI ready: {runs_table_url(experiment_id, f'http://{HOST}:{port}')}", flush=True)
         print("(Ctrl-C stops it)", flush=True)
         return server.wait()
     except KeyboardInterrupt:

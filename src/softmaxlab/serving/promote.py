@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from tabulate import tabulate
 
 from softmaxlab.core import metrics as names
-from softmaxlab.core.errors import UserError, first_line
+from softmaxlab.core.errors import UserError
 
 ALIAS = "champion"
 # The run metrics the rule reads: the final epoch's validation accuracy (training curves),
@@ -150,7 +150,8 @@ def open_store(cfg) -> tuple[object, str]:
 
     from mlflow.tracking import MlflowClient
 
-    from softmaxlab.tracking.tracker import reachable, redact, resolve_uri
+    from softmaxlab.tracking.server import reachable, redact
+    from softmaxlab.tracking.store import resolve_uri
 
     uri = resolve_uri(cfg)
     if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file():
@@ -163,7 +164,7 @@ def open_store(cfg) -> tuple[object, str]:
 
 def promote_cli(args: list[str]) -> None:
     from softmaxlab.core.config import load_params, project_root
-    from softmaxlab.tracking.tracker import redact, redact_text
+    from softmaxlab.tracking.server import unusable_store
 
     parser = argparse.ArgumentParser(
         prog="softmaxlab promote",
@@ -179,10 +180,7 @@ def promote_cli(args: list[str]) -> None:
     except UserError:
         raise
     except Exception as err:  # a damaged store, a server error: say which, in one line
-        first = first_line(err)
-        raise UserError(
-            f"MLflow tracking store {redact(uri)} is not usable: {redact_text(first, uri)}"
-        ) from err
+        raise unusable_store(err, uri) from err
     print(text, flush=True)
     if best is None:
         raise UserError(

@@ -65,7 +65,7 @@ def resolve(client, name: str, version: int | None):
 
 def serve_cli(args: list[str]) -> None:
     from softmaxlab.core.config import load_params, project_root
-    from softmaxlab.tracking.tracker import redact
+    from softmaxlab.tracking.server import redact
 
     parser = argparse.ArgumentParser(prog="softmaxlab serve", description=__doc__.split("\n\n")[0])
     parser.add_argument("--port", type=int, default=5001, help="port on 127.0.0.1 (default 5001)")

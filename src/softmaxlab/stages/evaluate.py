@@ -20,7 +20,7 @@ from softmaxlab.core import metrics as names
 from softmaxlab.core.config import Config, EvaluateConfig, load_params
 from softmaxlab.core.errors import entry_point
 from softmaxlab.core.io import read_json, read_output, read_predictions, write_json, write_table
-from softmaxlab.tracking import tracker as tracking
+from softmaxlab.tracking.tracker import failure_recorded
 
 Split = tuple[np.ndarray, np.ndarray, np.ndarray]  # logits, probs, labels
 # Every metric evaluate computed, at full precision and under the names MLflow records,
@@ -118,7 +118,7 @@ def read(cfg: Config, root: Path) -> tuple[dict[str, float], dict[str, pd.DataFr
 @entry_point
 def main() -> None:
     cfg = load_params()
-    with tracking.failure_recorded(cfg, "evaluate"):
+    with failure_recorded(cfg, "evaluate"):
         print(f"evaluate: {summary_line(run(cfg, Path('.')).metrics)}")
 
 

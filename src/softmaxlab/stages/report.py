@@ -222,7 +222,7 @@ def log_calibrated_model(
     from mlflow.types import ColSpec, Schema
 
     from softmaxlab.serving import serve_model
-    from softmaxlab.tracking.tracker import retry_locked
+    from softmaxlab.tracking.store import retry_locked
 
     classes = prob_columns(n_classes)
     signature = ModelSignature(
@@ -302,7 +302,7 @@ def run(cfg: Config, root: Path, tracker=None, run_id: str | None = None, stage:
     process while this one imports MLflow, reopens the run train opened and records into it
     (matplotlib and MLflow each take seconds to import; on two cores they overlap), and the
     run is marked FINISHED at the end: report is the pipeline's last stage."""
-    from softmaxlab.tracking import tracker as tracking
+    from softmaxlab.tracking.tracker import reopen
 
     metrics, tables = evaluate.read(cfg, root)
     info_path = root / cfg.paths.train_info
@@ -310,7 +310,7 @@ def run(cfg: Config, root: Path, tracker=None, run_id: str | None = None, stage:
     with _drawing(in_background=stage) as submit:
         drawn = submit(draw, cfg, root, metrics, tables, info)
         if stage:
-            tracker, run_id = tracking.reopen(cfg, info)
+            tracker, run_id = reopen(cfg, info)
         if tracker:
             record_evaluation(tracker, run_id, cfg, root, metrics)
         report_path = drawn.result()
@@ -365,10 +365,10 @@ def main() -> None:
     # `draw` by reference, and under `python -m cProfile -m softmaxlab.stages.report`
     # (bench/profile.py) __main__ is cProfile, where there is no `draw` to look up.
     from softmaxlab.stages import report
-    from softmaxlab.tracking import tracker as tracking
+    from softmaxlab.tracking.tracker import failure_recorded
 
     cfg = load_params()
-    with tracking.failure_recorded(cfg, "report"):
+    with failure_recorded(cfg, "report"):
         path = report.run(cfg, Path("."), stage=True)
     print(f"report: {path}")
 

@@ -18,7 +18,7 @@ from softmaxlab.core.io import atomic_path, file_md5, read_split, write_json, wr
 from softmaxlab.model import backend
 from softmaxlab.model.network import keras_for
 from softmaxlab.model.training import TrainResult, shortfall, show_progress, train
-from softmaxlab.tracking.tracker import redact
+from softmaxlab.tracking.server import redact
 
 
 def save(cfg: Config, result: TrainResult, root: Path) -> None:
@@ -113,15 +113,16 @@ def summary_line(result: TrainResult, run_id: str | None) -> str:
 def stage(cfg: Config, root: Path, progress: bool = False) -> tuple[TrainResult, str | None]:
     """The `dvc repro` stage: data checked before any MLflow run exists, a new sqlite store
     created in a side process while Keras imports, then run() inside one MLflow run."""
-    from softmaxlab.tracking import tracker as tracking
+    from softmaxlab.tracking.store import prepare_store
+    from softmaxlab.tracking.tracker import connect, maybe_run
 
     data = load_data(cfg, root)  # bad data is refused before any MLflow run exists
-    preparing = tracking.prepare_store(cfg)
+    preparing = prepare_store(cfg)
     keras_for(cfg)
     if preparing:
         preparing.wait()
-    tracker = tracking.connect(cfg)
-    with tracking.maybe_run(tracker, cfg) as run_id:
+    tracker = connect(cfg)
+    with maybe_run(tracker, cfg) as run_id:
         result = run(cfg, root, tracker, run_id, data, progress)
     return result, run_id
 

@@ -62,7 +62,7 @@ def record_failed_job(job_num: int, overrides: str, error: str) -> None:
         return
     from mlflow.tracking import MlflowClient
 
-    from softmaxlab.tracking.tracker import retry_locked
+    from softmaxlab.tracking.store import retry_locked
 
     experiment_id, uri = store.split(" ", 1)
     client = MlflowClient(uri)
@@ -83,7 +83,7 @@ def fail_lost_job(job_num: int, overrides: str, error: str) -> None:
         return
     from mlflow.tracking import MlflowClient
 
-    from softmaxlab.tracking.tracker import retry_locked
+    from softmaxlab.tracking.store import retry_locked
 
     experiment_id, uri = store.split(" ", 1)
     client = MlflowClient(uri)
@@ -110,7 +110,7 @@ class SweepCallback(Callback):
     def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
         from softmaxlab.core.errors import fail
         from softmaxlab.model import backend
-        from softmaxlab.tracking import tracker as tracking
+        from softmaxlab.tracking.tracker import connect
 
         try:
             cfg = _job_config(config)
@@ -122,7 +122,7 @@ class SweepCallback(Callback):
             storage = config.hydra.sweeper.get("storage")
             if storage:  # Optuna's shared study: its database made ready before the sweeper opens it
                 cluster.prepare_optuna_storage(str(storage))
-            tracker = tracking.connect(cfg)
+            tracker = connect(cfg)
         except UserError as err:  # before any job and any run: the sweep is misconfigured
             fail(str(err))
         sid = f"{Path(config.hydra.sweep.dir).name}-{uuid.uuid4().hex[:6]}"
@@ -151,18 +151,19 @@ class SweepCallback(Callback):
 
     @staticmethod
     def _open_parent(config: DictConfig, cfg, tracker, sid: str) -> None:
-        from softmaxlab.tracking import tracker as tracking
+        from softmaxlab.tracking.provenance import git_state
+        from softmaxlab.tracking.server import credentials_error
 
         tags = {
             "sweep_id": sid,
             "sweep_dir": str(Path(config.hydra.sweep.dir).resolve()),
             "sweep_overrides": " ".join(config.hydra.overrides.task),
-            **tracking.git_state(Path.cwd()),
+            **git_state(Path.cwd()),
         }
         try:
             run = tracker.client.create_run(tracker.experiment_id, run_name=f"sweep {sid}", tags=tags)
         except Exception as err:  # refused by the server: before any job runs, in one line
-            if refused := tracking.credentials_error(err, tracker.uri, cfg.tracking.experiment):
+            if refused := credentials_error(err, tracker.uri, cfg.tracking.experiment):
                 raise refused from None
             raise
         tracker.log_params(run.info.run_id, cfg)
@@ -193,16 +194,17 @@ class SweepCallback(Callback):
         )
 
     def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
-        from softmaxlab.tracking import tracker as tracking
+        from softmaxlab.tracking.server import redact
+        from softmaxlab.tracking.tracker import server_lost
 
         parent = _state["parent"]
         if parent is None:
             return
         tracker, run_id, sweep_dir = parent
-        if why := tracking.server_lost(tracker):
+        if why := server_lost(tracker):
             # Jobs after it went away are in the local store; the parent run is on the server.
             print(
-                f"softmaxlab: warning: MLflow server {tracking.redact(tracker.uri)} is unreachable ({why}): "
+                f"softmaxlab: warning: MLflow server {redact(tracker.uri)} is unreachable ({why}): "
                 f"the sweep's summary is not recorded there; once it is back, `softmaxlab sync` sends "
                 f"the jobs that fell back and completes the parent run, then `softmaxlab summarize "
                 f"{sweep_id()}` writes the summary",
@@ -296,7 +298,7 @@ def check_direction(objective: str, direction) -> None:
 
 
 def tracking_link(tracker) -> str:
-    from softmaxlab.tracking.tracker import runs_table_url
+    from softmaxlab.tracking.store import runs_table_url
 
     return runs_table_url(tracker.experiment_id)
 
@@ -309,7 +311,8 @@ def settle(tracker) -> bool:
     say, its database restarting; then end the runs it could not end at the time (with their
     errors) and record the jobs it could not record. False if it is still failing: then one
     line says which runs stay RUNNING."""
-    from softmaxlab.tracking import tracker as tracking
+    from softmaxlab.tracking.server import is_tracking_error, redact
+    from softmaxlab.tracking.tracker import end_stranded, stranded_runs
 
     deadline, said = time.monotonic() + STORE_WAIT_S, False
     while True:
@@ -317,21 +320,21 @@ def settle(tracker) -> bool:
             tracker.client.get_experiment(tracker.experiment_id)  # reads the database
             break
         except Exception as err:
-            if not tracking.is_tracking_error(err):
+            if not is_tracking_error(err):
                 raise
             why = first_line(err)
             if time.monotonic() > deadline:
-                left = tracking.stranded_runs() + ([_state["parent"][1]] if _state["parent"] else [])
-                print(f"softmaxlab: warning: tracking store {tracking.redact(tracker.uri)} still fails ({why}): "
+                left = stranded_runs() + ([_state["parent"][1]] if _state["parent"] else [])
+                print(f"softmaxlab: warning: tracking store {redact(tracker.uri)} still fails ({why}): "
                       f"runs {', '.join(left)} stay RUNNING; end them FAILED in the UI or with "
                       "MlflowClient().set_terminated", file=sys.stderr, flush=True)  # fmt: skip
                 return False
             if not said:
-                print(f"softmaxlab: warning: tracking store {tracking.redact(tracker.uri)} fails ({why}); "
+                print(f"softmaxlab: warning: tracking store {redact(tracker.uri)} fails ({why}); "
                       f"waiting up to {STORE_WAIT_S} s for it to end the sweep's runs", file=sys.stderr, flush=True)  # fmt: skip
                 said = True
             time.sleep(3)
-    tracking.end_stranded()
+    end_stranded()
     while _state["unrecorded"]:
         record_failed_job(*_state["unrecorded"].pop(0))
     return True
@@ -368,7 +371,7 @@ def close_parent() -> None:
 def search_children(tracker, sid: str) -> pd.DataFrame:
     import mlflow
 
-    from softmaxlab.tracking.tracker import use_uri
+    from softmaxlab.tracking.store import use_uri
 
     use_uri(tracker.uri)  # a job that fell back moved the process-wide URI
     df = mlflow.search_runs(
@@ -442,7 +445,7 @@ def write_summary(
     tracker, sid: str, out_dir: Path, parent_run_id: str | None, objective: str = names.DEFAULT_OBJECTIVE
 ) -> pd.DataFrame:
     from softmaxlab.core.io import save_figure, write_table, write_text
-    from softmaxlab.tracking.tracker import redact
+    from softmaxlab.tracking.server import redact
 
     children = search_children(tracker, sid)
     if children.empty:
@@ -496,7 +499,7 @@ def record_best(tracker, parent_run_id: str, table: pd.DataFrame, objective: str
 def summarize_cli(args: list[str]) -> None:
     """softmaxlab summarize SWEEP_ID [OUT_DIR]: rebuild a past sweep's summary."""
     from softmaxlab.core.config import load_params, project_root
-    from softmaxlab.tracking import tracker as tracking
+    from softmaxlab.tracking.tracker import connect
 
     if not args or len(args) > 2:
         raise UserError("usage: softmaxlab summarize SWEEP_ID [OUT_DIR]")
@@ -506,7 +509,7 @@ def summarize_cli(args: list[str]) -> None:
     if not re.fullmatch(r"[\w.:-]+", sid):
         raise UserError(f"sweep id {sid!r} is not valid: it has letters, digits, '-', '_', '.' and ':' only")
     cfg = load_params(project_root() / "params.yaml")
-    tracker = tracking.connect(cfg)
+    tracker = connect(cfg)
     if tracker is None:
         raise UserError("tracking.enabled is false: there are no runs to summarize")
     out = Path(args[1]) if len(args) > 1 else project_root() / "outputs" / "summaries" / sid

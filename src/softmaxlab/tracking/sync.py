@@ -1,7 +1,7 @@
 """`softmaxlab sync [URI]`: copy runs that fell back to the local store to the team server.
 
 When the configured tracking server is unreachable, runs go to the local default store,
-tagged `tracking.fallback_from` (see tracking.connect). Once the server is back, this copies
+tagged `tracking.fallback_from` (see tracking.tracker.connect). Once the server is back, this copies
 each such run — params, tags, every metric's full history, its input datasets, artifacts and the logged model's
 files, and its registered model versions — into the same experiment there, and tags the local run `tracking.synced_to` so a second
 sync copies nothing twice.
@@ -64,7 +64,7 @@ def _copy_contents(src, dst, run, rid: str) -> None:
         dst.log_batch(rid, params=params[i : i + 100])
     for i in range(0, len(metrics), 1000):
         dst.log_batch(rid, metrics=metrics[i : i + 1000])
-    if run.inputs and run.inputs.dataset_inputs:  # the data it used (tracking.Tracker.log_data)
+    if run.inputs and run.inputs.dataset_inputs:  # the data it used (tracking.tracker.Tracker.log_data)
         dst.log_inputs(rid, datasets=run.inputs.dataset_inputs)
     with tempfile.TemporaryDirectory() as tmp:
         if src.list_artifacts(run.info.run_id):
@@ -117,10 +117,11 @@ def sync(target_uri: str, local_uri: str) -> list[tuple[str, str]]:
     Safe to repeat: a run is copied once, a half-done copy is replaced."""
     from mlflow.tracking import MlflowClient
 
-    from softmaxlab.tracking.tracker import ensure_experiment, reachable, redact, use_uri
+    from softmaxlab.tracking.server import is_remote, reachable, redact
+    from softmaxlab.tracking.store import ensure_experiment, use_uri
 
     # Not the cached answer: the point of sync is that the server is back.
-    why = reachable(target_uri, fresh=True) if target_uri.startswith(("http://", "https://")) else None
+    why = reachable(target_uri, fresh=True) if is_remote(target_uri) else None
     if why:
         raise UserError(f"MLflow server {redact(target_uri)} is still unreachable ({why}); try again later")
     src, dst = MlflowClient(local_uri), MlflowClient(target_uri)
@@ -196,18 +197,18 @@ def _complete_parents(dst, experiment_id: str, parent_ids: set[str]) -> None:
 def sync_cli(args: list[str]) -> None:
     """softmaxlab sync [URI]: URI defaults to tracking.uri / $MLFLOW_TRACKING_URI."""
     from softmaxlab.core.config import load_params, project_root
-    from softmaxlab.tracking.tracker import redact, resolve_uri
+    from softmaxlab.tracking.server import is_remote, redact
+    from softmaxlab.tracking.store import local_uri, resolve_uri
 
     if len(args) > 1:
         raise UserError("usage: softmaxlab sync [TRACKING_SERVER_URI]")
     cfg = load_params(project_root() / "params.yaml")
     target = args[0] if args else resolve_uri(cfg)
-    if not target.startswith(("http://", "https://")):
+    if not is_remote(target):
         raise UserError(
             f"sync target {redact(target)!r} is not an http(s) MLflow server; pass one or set MLFLOW_TRACKING_URI"
         )
-    local = f"sqlite:///{project_root() / 'mlflow.db'}"
-    copied = sync(target, local)
+    copied = sync(target, local_uri())
     for local_id, remote_id in copied:
         print(f"synced run {local_id} -> {redact(target)} run {remote_id}")
     print(f"sync: {len(copied)} run(s) copied to {redact(target)}", file=sys.stderr)

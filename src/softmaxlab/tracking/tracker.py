@@ -1,4 +1,5 @@
-"""MLflow at the edges: where runs go, what they record, and that none is left RUNNING.
+"""MLflow at the edges: the run tracker, which opens a run, records into it and never leaves it
+RUNNING, and connect(), which picks the store it writes to (falling back to the local one).
 
 Stages and the Hydra app compute first and hand their results here. Metrics go in batches
 (one call per stage, not one per number) through an explicit run id, so the DVC stages, which
@@ -9,20 +10,31 @@ from __future__ import annotations
 
 import contextlib
 import os
-import platform
-import subprocess
 import sys
 import time
-import warnings
 from collections.abc import Iterator
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 from softmaxlab.core.config import Config, flatten, project_root
-from softmaxlab.core.errors import UserError, first_line
+from softmaxlab.core.errors import UserError
+from softmaxlab.tracking.provenance import (
+    dataset_inputs,
+    dataset_insert_race,
+    default_run_name,
+    environment_tags,
+    git_state,
+)
+from softmaxlab.tracking.server import (
+    credentials_error,
+    is_remote,
+    reachable,
+    redact,
+    redact_text,
+    unusable_store,
+)
+from softmaxlab.tracking.store import ensure_experiment, local_uri, resolve_uri, retry_locked, use_uri
 
-EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
 # Under `dvc repro` a run is opened by train and completed by report, in separate processes.
 # Until report is done it is FAILED (never RUNNING, so no exit can strand it) and tagged with
 # what is still to run; report marks it FINISHED, a failing later stage adds its error.
@@ -32,221 +44,6 @@ ERROR_TAG, FAILED_STAGE_TAG = "error", "pipeline.failed_stage"
 # On a run that fell back mid-sweep: the unfinished run on the server it replaces (sync retires it).
 REPLACES_TAG = "tracking.replaces_run"
 NOTE_TAG = "mlflow.note.content"  # the run's description on its MLflow page
-# How long a remote tracking server may take to answer before we fall back (see connect).
-REACHABLE_TIMEOUT_S = 5.0
-# MLflow's dataset contexts for the data splits (cfg.paths keys).
-DATA_CONTEXTS = {"train_data": "training", "test_data": "test"}
-VERSIONED_PACKAGES = ("softmaxlab", "tensorflow", "jax", "keras", "numpy", "scikit-learn", "mlflow", "dvc")
-
-
-def redact(uri: str) -> str:
-    """The URI without user:password@, for anything written to disk or logged."""
-    from urllib.parse import urlsplit, urlunsplit
-
-    parts = urlsplit(uri)
-    if parts.username or parts.password:
-        host = parts.hostname or ""
-        netloc = f"***@{host}" + (f":{parts.port}" if parts.port else "")
-        return urlunsplit(parts._replace(netloc=netloc))
-    return uri
-
-
-def retry_locked(fn, *args, attempts: int = 12, **kwargs):
-    """Call fn, retrying while sqlite says "database is locked": parallel sweep jobs share
-    one sqlite file, and a write can collide with another job's for a moment."""
-    delay = 0.05
-    for attempt in range(attempts):
-        try:
-            return fn(*args, **kwargs)
-        except Exception as err:
-            if "database is locked" not in str(err) or attempt == attempts - 1:
-                raise
-            time.sleep(delay)
-            delay = min(delay * 2, 2.0)
-
-
-def dataset_insert_race(err: Exception) -> bool:
-    """Whether err is another job having inserted the same dataset (experiment, name, digest)
-    a moment earlier: sqlite's "UNIQUE constraint failed: datasets…", PostgreSQL's "duplicate
-    key value violates unique constraint "dataset_pk"" (through a server, in its message)."""
-    msg = str(err)
-    return "dataset" in msg and ("UNIQUE constraint failed" in msg or "violates unique constraint" in msg)
-
-
-def resolve_uri(cfg: Config) -> str:
-    """cfg.tracking.uri, else $MLFLOW_TRACKING_URI, else MLflow's own default store,
-    sqlite:///mlflow.db, anchored at the project root so that runs started from Hydra's
-    output directories or DVC's experiment copies land in one store."""
-    uri = cfg.tracking.uri or os.environ.get("MLFLOW_TRACKING_URI", "")
-    if not uri:
-        return f"sqlite:///{project_root() / 'mlflow.db'}"
-    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
-        path = Path(uri.removeprefix("sqlite:///"))
-        return f"sqlite:///{(project_root() / path).resolve()}"
-    return uri
-
-
-def use_uri(uri: str) -> None:
-    """mlflow.set_tracking_uri for this process's fluent calls, without the side effect it has
-    since MLflow 3: exporting MLFLOW_TRACKING_URI. resolve_uri reads that variable as what the
-    user configured; after a fallback to the local store, a sweep's later jobs (and joblib's
-    workers) would take the local store for the configured one, untagged, and sync would
-    never send their runs."""
-    import mlflow
-
-    from softmaxlab.core.processes import restored_env
-
-    with restored_env("MLFLOW_TRACKING_URI"):
-        mlflow.set_tracking_uri(uri)
-
-
-def redact_text(text: str, uri: str) -> str:
-    """`text` (an error message) with the URI's credentials taken out."""
-    from urllib.parse import unquote, urlsplit
-
-    text = text.replace(uri, redact(uri))
-    password = urlsplit(uri).password
-    return text.replace(unquote(password), "***").replace(password, "***") if password else text
-
-
-def _health_probe(uri: str) -> tuple[str, dict[str, str]]:
-    """<uri>/health and the Authorization header MLflow itself would send: user info in the
-    URI, else MLFLOW_TRACKING_USERNAME/PASSWORD, else MLFLOW_TRACKING_TOKEN. urllib refuses a
-    URL with user info, so it goes in the header instead."""
-    import base64
-    from urllib.parse import unquote, urlsplit, urlunsplit
-
-    parts = urlsplit(uri)
-    user, password = os.environ.get("MLFLOW_TRACKING_USERNAME"), os.environ.get("MLFLOW_TRACKING_PASSWORD")
-    if parts.username is not None:
-        user, password = unquote(parts.username), unquote(parts.password or "")
-    netloc = parts.hostname + (f":{parts.port}" if parts.port else "") if parts.hostname else parts.netloc
-    url = urlunsplit(parts._replace(netloc=netloc)).rstrip("/") + "/health"
-    headers = {}
-    if user:
-        basic = base64.b64encode(f"{user}:{password or ''}".encode()).decode("ascii")
-        headers["Authorization"] = f"Basic {basic}"
-    elif os.environ.get("MLFLOW_TRACKING_TOKEN"):
-        headers["Authorization"] = f"Bearer {os.environ['MLFLOW_TRACKING_TOKEN']}"
-    return url, headers
-
-
-# Servers found unreachable in this process, with why: a sweep's jobs do not each wait on a
-# silent server, and once one goes away mid-sweep the remaining jobs go straight to the local
-# store. A server that answered is asked again by each connect() (a few ms).
-_down: dict[str, str] = {}
-
-
-def reachable(uri: str, fresh: bool = False) -> str | None:
-    """None if an http(s) tracking server answers /health in time, else why not. A server
-    found down stays down for this process unless `fresh` (sync: the point is that it's back)."""
-    from softmaxlab.core.probe import http_status
-
-    if uri in _down and not fresh:
-        return _down[uri]
-    url, headers = _health_probe(uri)
-    status = http_status(url, REACHABLE_TIMEOUT_S, headers)
-    # A string: nothing answered, and why; a number: the server's HTTP status.
-    why = (
-        redact_text(status, uri) if isinstance(status, str) else (None if status == 200 else f"HTTP {status}")
-    )
-    if why:
-        _down[uri] = why
-    else:
-        _down.pop(uri, None)
-    return why
-
-
-def is_remote(uri: str) -> bool:
-    return uri.startswith(("http://", "https://"))
-
-
-def server_lost(tracker: Tracker | None) -> str | None:
-    """After an error: why the tracker's server no longer answers (it is then treated as down
-    for the rest of this process), or None if it still answers or the store is local."""
-    if tracker is None or not is_remote(tracker.uri):
-        return None
-    return reachable(tracker.uri, fresh=True)
-
-
-def is_tracking_error(err: BaseException) -> bool:
-    """An error from talking to the tracking store (MLflow's, or the HTTP connection's)."""
-    from mlflow.exceptions import MlflowException
-    from requests.exceptions import RequestException
-
-    return isinstance(err, MlflowException | RequestException)
-
-
-def refusal(err: BaseException) -> int | None:
-    """401 or 403 when `err` is an MLflow server's refusal of the credentials (the status MLflow
-    mapped, or the one its message quotes from the HTTP answer), else None."""
-    import re
-
-    from mlflow.exceptions import MlflowException
-
-    if not isinstance(err, MlflowException):
-        return None
-    code = err.get_http_status_code()
-    if code in (401, 403):
-        return code
-    quoted = re.search(r"\b(401|403)\b", str(err))
-    return int(quoted.group(1)) if quoted else None
-
-
-def credentials_error(err: BaseException, uri: str, experiment: str) -> UserError | None:
-    """A tracking server's refusal (HTTP 401 or 403) as one line naming what to set, or None
-    for any other error. Never shows the password."""
-    from urllib.parse import unquote, urlsplit
-
-    code = refusal(err)
-    if code is None:
-        return None
-    user = os.environ.get("MLFLOW_TRACKING_USERNAME") or unquote(urlsplit(uri).username or "")
-    server = f"MLflow server {redact(uri)}"
-    if code == 401 and not user:
-        return UserError(
-            f"{server} wants a login (HTTP 401): set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD "
-            "(a team user's, from `softmaxlab team add-user`)"
-        )
-    if code == 401:
-        return UserError(
-            f"{server} refused MLFLOW_TRACKING_USERNAME={user} with its password (HTTP 401): "
-            "check MLFLOW_TRACKING_PASSWORD"
-        )
-    return UserError(
-        f"{server}: user {user or '(none)'} may not write to experiment {experiment!r} (HTTP 403): "
-        f"its owner or an admin grants it (`softmaxlab team grant {user or 'USER'} {experiment} EDIT`), "
-        "or choose another tracking.experiment"
-    )
-
-
-def git_state(root: Path) -> dict[str, str]:
-    def git(*args: str) -> str:
-        out = subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, timeout=10, check=True)
-        return out.stdout.strip()
-
-    try:
-        commit = git("rev-parse", "HEAD")
-        dirty = bool(git("status", "--porcelain", "--untracked-files=no"))
-    except (OSError, subprocess.SubprocessError):
-        return {"git_commit": "unknown"}
-    return {"git_commit": commit, "mlflow.source.git.commit": commit, "git_dirty": str(dirty).lower()}
-
-
-def default_run_name(cfg: Config) -> str:
-    """A run name that says what ran (the runs table shows it), instead of MLflow's random
-    one: the DVC experiment's name where DVC runs it, else model, optimizer, lr and seed."""
-    what = f"{cfg.model.name} {cfg.optimizer.name} lr={cfg.optimizer.lr:g} seed={cfg.seed}"
-    exp = os.environ.get("DVC_EXP_NAME")
-    return f"{exp}: {what}" if exp else what
-
-
-def environment_tags() -> dict[str, str]:
-    tags = {"python": platform.python_version(), "platform": platform.platform()}
-    for pkg in VERSIONED_PACKAGES:
-        with contextlib.suppress(metadata.PackageNotFoundError):
-            tags[f"versions.{pkg}"] = metadata.version(pkg)
-    return tags
 
 
 class Tracker:
@@ -386,31 +183,8 @@ class Tracker:
                 self.client.log_artifact(run_id, str(p), artifact_path)
 
     def log_data(self, run_id: str, cfg: Config, root: Path, frames: dict[str, Any]) -> None:
-        """The data splits as MLflow input datasets (the run page's "Datasets used", the runs
-        table's Dataset column): `frames` maps a cfg.paths key (train_data, test_data) to its
-        frame. Digest: the file's md5, which is DVC's hash of it; source: where DVC keeps that
-        version (data_location)."""
-        import mlflow.data
-        from mlflow.entities import DatasetInput, InputTag
-        from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
-
-        from softmaxlab.core.io import file_md5
-
-        inputs = []
-        with warnings.catch_warnings():
-            # MLflow warns that a local path matches its two local sources (same class) and that
-            # the integer label column cannot hold missing values: both true, neither something
-            # a user of this run can act on.
-            warnings.filterwarnings("ignore", category=UserWarning, module=r"mlflow\.")
-            for key, df in frames.items():
-                rel = getattr(cfg.paths, key)
-                md5 = file_md5(root / rel)
-                dataset = mlflow.data.from_pandas(
-                    df, source=data_location(root, rel, md5), targets="label",
-                    name=f"{cfg.data.name}-{key.removesuffix('_data')}", digest=md5,
-                )  # fmt: skip
-                tags = [InputTag(MLFLOW_DATASET_CONTEXT, DATA_CONTEXTS[key]), InputTag("dvc.path", rel)]
-                inputs.append(DatasetInput(dataset._to_mlflow_entity(), tags))
+        """The data splits as MLflow input datasets (provenance.dataset_inputs)."""
+        inputs = dataset_inputs(cfg, root, frames)
         # Parallel jobs (joblib, Ray) on the same data log the same dataset at once, and the
         # store checks for it before inserting: one of them can hit the dataset's unique key
         # (seen on a 2-node Ray sweep). Asked again, the store finds the row and links it.
@@ -446,26 +220,6 @@ class Tracker:
         if result.info.get("warning"):
             tags["warning"] = result.info["warning"]
         self.set_tags(run_id, tags)
-
-
-def data_location(root: Path, rel: str, md5: str) -> str:
-    """Where a teammate finds this version of a data file: DVC's object for it in the default
-    remote (`<remote url>/files/md5/ab/cdef…`, the address `dvc pull` fetches) when `root` is a
-    DVC project with a default remote and dvc.lock records this very content; else the file.
-    Under `dvc repro` the generate stage's lock entry is written before train runs."""
-    path = (root / rel).resolve()
-    if not (root / ".dvc").is_dir():
-        return str(path)  # the in-process pipeline writes its data into a run directory
-    try:
-        import dvc.api
-        from dvc.config import Config as DvcConfig
-
-        if not DvcConfig(dvc_dir=str(root / ".dvc"))["core"].get("remote"):
-            return str(path)
-        url = dvc.api.get_url(rel, repo=str(root))
-    except Exception:  # not DVC-tracked (yet), or DVC cannot read its config: the file itself
-        return str(path)
-    return redact(url) if url.endswith(f"{md5[:2]}/{md5[2:]}") else str(path)
 
 
 # Runs whose end the store did not take: (uri, run id, status, error message not yet recorded).
@@ -510,12 +264,12 @@ def connect(cfg: Config) -> Tracker | None:
         # MLflow retries a failed request 7 times with exponential backoff (about 4 minutes)
         # before giving up. 4 retries (about 30 s) still ride out a server or database restart,
         # and a job whose server died mid-run falls back in seconds, not minutes (see
-        # __main__.job). A value the user set wins.
+        # softmaxlab.cli.app.job). A value the user set wins.
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "4")
         why = reachable(uri)
         if why:
             fallback_from = uri
-            uri = f"sqlite:///{project_root() / 'mlflow.db'}"
+            uri = local_uri()
             print(
                 f"softmaxlab: warning: MLflow server {redact(fallback_from)} unreachable ({why}); "
                 f"logging to {uri} instead (copy the runs there later: `softmaxlab sync`)",
@@ -531,55 +285,8 @@ def connect(cfg: Config) -> Tracker | None:
     except Exception as err:
         if refused := credentials_error(err, uri, cfg.tracking.experiment):
             raise refused from None
-        first = first_line(err)
-        raise UserError(
-            f"MLflow tracking store {redact(uri)} is not usable: {redact_text(first, uri)}"
-        ) from err
+        raise unusable_store(err, uri) from err
     return Tracker(uri, experiment_id, cfg, fallback_from)
-
-
-def ensure_experiment(uri: str, name: str) -> str:
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient(uri)
-    exp = client.get_experiment_by_name(name)
-    if exp is not None:
-        if exp.lifecycle_stage == "deleted":
-            raise UserError(
-                f"tracking.experiment={name!r} is deleted in {redact(uri)}: restore it "
-                "(`mlflow experiments restore`) or choose another name"
-            )
-        return exp.experiment_id
-    try:
-        # The tag makes `mlflow ui` treat it as a classic ML experiment (runs table).
-        return client.create_experiment(name, tags={EXPERIMENT_KIND_TAG: "custom_model_development"})
-    except Exception:
-        # Another process created it between our lookup and create.
-        exp = client.get_experiment_by_name(name)
-        if exp is None:
-            raise
-        return exp.experiment_id
-
-
-def prepare_store(cfg: Config) -> subprocess.Popen | None:
-    """Start creating a new local sqlite store in a background process, or None if there is
-    nothing to create.
-
-    A new store costs seconds of MLflow's schema migrations. The train stage starts this
-    before importing TensorFlow, so the two run side by side on two cores; connect() then
-    finds the store ready (and reports any error itself). The process has its own session:
-    Ctrl-C in the terminal does not cut a migration in half.
-    """
-    if not cfg.tracking.enabled:
-        return None
-    uri = resolve_uri(cfg)
-    if not uri.startswith("sqlite:///") or Path(uri.removeprefix("sqlite:///")).exists():
-        return None
-    code = "import sys; from softmaxlab.tracking.tracker import ensure_experiment; ensure_experiment(*sys.argv[1:])"
-    return subprocess.Popen(
-        [sys.executable, "-c", code, uri, cfg.tracking.experiment],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-    )  # fmt: skip
 
 
 @contextlib.contextmanager
@@ -627,11 +334,6 @@ def _record_failure(cfg: Config, stage: str, err: BaseException) -> None:
     retry_locked(tracker.client.set_terminated, run_id, status)
 
 
-def runs_table_url(experiment_id: str, host: str = "http://127.0.0.1:5000") -> str:
-    """`mlflow ui` opens on its GenAI view; this link goes straight to the runs table."""
-    return f"{host}/#/experiments/{experiment_id}/runs?workflowType=machine_learning"
-
-
 def reopen(cfg: Config, train_info: dict) -> tuple[Tracker | None, str | None]:
     """The store and run the train stage logged to (read from its train.json), so later
     stages add to that same run — even if it went to the fallback store."""
@@ -646,22 +348,9 @@ def reopen(cfg: Config, train_info: dict) -> tuple[Tracker | None, str | None]:
     return Tracker(uri, train_info["experiment_id"], cfg), train_info["run_id"]
 
 
-def main() -> None:
-    """Print where the runs are and how to look at them (the end of `make run`)."""
-    from softmaxlab.core.config import load_params
-    from softmaxlab.core.errors import fail
-
-    try:
-        cfg = load_params(project_root() / "params.yaml")
-        tracker = connect(cfg)
-    except UserError as err:
-        fail(str(err))
-    if tracker is None:
-        print("tracking is off (tracking.enabled: false)")
-        return
-    print(f"MLflow store: {redact(tracker.uri)}")
-    print("Look at the runs: `make ui` (it prints the link to the runs table once the UI answers)")
-
-
-if __name__ == "__main__":
-    main()
+def server_lost(tracker: Tracker | None) -> str | None:
+    """After an error: why the tracker's server no longer answers (it is then treated as down
+    for the rest of this process), or None if it still answers or the store is local."""
+    if tracker is None or not is_remote(tracker.uri):
+        return None
+    return reachable(tracker.uri, fresh=True)
