@@ -21,7 +21,7 @@ import pytest
 from conftest import ROOT, env_with_venv, make_project, run_cmd, tiny_overrides
 from test_sweep import check_parent_and_children, runs
 
-from softmaxlab.sweeps.callback import SUMMARY_COLUMNS
+from softmaxlab.sweeps.summary import SUMMARY_COLUMNS
 
 pytestmark = pytest.mark.slow
 

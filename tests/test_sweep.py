@@ -166,7 +166,7 @@ def test_sweep_jobs_are_the_basic_sweepers_product_and_optunas_corners():
     from omegaconf import open_dict
 
     from softmaxlab.core.config import register_configs
-    from softmaxlab.sweeps.callback import sweep_jobs
+    from softmaxlab.sweeps.jobs import sweep_jobs
 
     register_configs()
     with initialize_config_dir(str(ROOT / "conf"), version_base=None):
@@ -183,7 +183,7 @@ def test_sweep_jobs_are_the_basic_sweepers_product_and_optunas_corners():
 
 
 def test_the_summary_shows_four_significant_digits():
-    from softmaxlab.sweeps.callback import format_number, summary_table
+    from softmaxlab.sweeps.summary import format_number, summary_table
 
     children = pd.DataFrame({
         "tags.job_num": ["1", "0"], "status": ["FINISHED"] * 2, "run_id": ["b", "a"],
@@ -201,7 +201,7 @@ def test_the_summary_shows_four_significant_digits():
 
 
 def test_tied_jobs_share_one_label_and_no_label_leaves_the_figure():
-    from softmaxlab.sweeps.callback import accuracy_vs_ece
+    from softmaxlab.sweeps.summary import accuracy_vs_ece
 
     table = pd.DataFrame({
         "job": [0, 1, 2, 3, 4], "overrides": ["a", "b", "c", "d", "e"],
@@ -227,7 +227,7 @@ def test_every_job_of_every_sweep_preset_composes_and_validates(preset, n_jobs):
     from omegaconf import open_dict
 
     from softmaxlab.core.config import register_configs
-    from softmaxlab.sweeps.callback import check_jobs, sweep_jobs
+    from softmaxlab.sweeps.jobs import check_jobs, sweep_jobs
 
     register_configs()
     with initialize_config_dir(str(ROOT / "conf"), version_base=None):

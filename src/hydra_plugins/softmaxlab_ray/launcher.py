@@ -67,12 +67,13 @@ class RayLauncher(PluginRayLauncher or object):
 
 
 def _lost_job(idx: int, overrides: list[str], err: Exception) -> JobReturn:
-    from softmaxlab.sweeps import callback as sweep
+    from softmaxlab.core.errors import first_line
+    from softmaxlab.sweeps.parent import fail_lost_job
 
-    why = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    why = first_line(err)
     shown = " ".join(o for o in filter_overrides(overrides) if not o.startswith(("sweep=", "launcher=")))
     print(f"softmaxlab: error: job {idx} ({shown}): Ray lost its worker: {why}", file=sys.stderr, flush=True)
-    sweep.fail_lost_job(idx, shown, f"Ray lost its worker: {type(err).__name__}: {why}")
+    fail_lost_job(idx, shown, f"Ray lost its worker: {type(err).__name__}: {why}")
     # Completed with no objective, as a job that fails in Python returns (softmaxlab.cli.app.job).
     ret = JobReturn(overrides=overrides, status=JobStatus.COMPLETED)
     ret.return_value = float("nan")

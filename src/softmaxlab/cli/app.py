@@ -69,8 +69,8 @@ def job(dcfg) -> float:
     from softmaxlab.core.config import to_config
     from softmaxlab.model import training
     from softmaxlab.stages import evaluate, pipeline
-    from softmaxlab.sweeps import callback as sweep
     from softmaxlab.sweeps import cluster
+    from softmaxlab.sweeps.parent import defer_failed_job, parent_run_id, record_failed_job, sweep_id
     from softmaxlab.tracking.server import is_tracking_error, redact
     from softmaxlab.tracking.tracker import REPLACES_TAG, connect, end_stranded, server_lost
 
@@ -102,20 +102,20 @@ def job(dcfg) -> float:
     except UserError as err:
         if multirun:
             try:
-                sweep.record_failed_job(hc.job.num, overrides, str(err))
+                record_failed_job(hc.job.num, overrides, str(err))
             except Exception as record_err:  # the store is what fails: recorded at the sweep's end
                 if not is_tracking_error(record_err):
                     raise
-                sweep.defer_failed_job(hc.job.num, overrides, str(err))
+                defer_failed_job(hc.job.num, overrides, str(err))
         return failed(err)
     tags = {"overrides": overrides or "(defaults)"}
     if multirun:
-        tags.update({"sweep_id": sweep.sweep_id(), "job_num": str(hc.job.num), **cluster.job_tags()})
+        tags.update({"sweep_id": sweep_id(), "job_num": str(hc.job.num), **cluster.job_tags()})
 
     def run(tracker):
         return pipeline.run(
             cfg, Path(hc.runtime.output_dir), tracker, run_name=overrides or None,
-            parent_run_id=sweep.parent_run_id() if multirun else None, tags=tags,
+            parent_run_id=parent_run_id() if multirun else None, tags=tags,
             progress=not multirun and training.show_progress(),  # a sweep's jobs: one line each
         )  # fmt: skip
 
@@ -156,7 +156,7 @@ def hydra_main() -> None:
     import hydra
 
     from softmaxlab.core.config import register_configs
-    from softmaxlab.sweeps import callback as sweep
+    from softmaxlab.sweeps.parent import close_parent, failed_jobs
 
     register_configs()
     app = hydra.main(version_base=None, config_path=config_dir(), config_name="config")(job)
@@ -179,6 +179,6 @@ def hydra_main() -> None:
     finally:
         held.release()
         sys.stderr = real_stderr
-        sweep.close_parent()
-    if sweep.failed_jobs():
+        close_parent()
+    if failed_jobs():
         sys.exit(1)

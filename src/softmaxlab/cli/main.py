@@ -77,7 +77,7 @@ def help_text() -> str:
 
 # Each command: (module, function taking the remaining arguments). Imported on use only.
 COMMAND_TABLE = {
-    "summarize": ("softmaxlab.sweeps.callback", "summarize_cli"),
+    "summarize": ("softmaxlab.sweeps.summary", "summarize_cli"),
     "sync": ("softmaxlab.tracking.sync", "sync_cli"),
     "ui": ("softmaxlab.cli.ui", "ui_cli"),
     "adopt": ("softmaxlab.cli.adopt", "adopt_cli"),
