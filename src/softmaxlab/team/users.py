@@ -44,7 +44,7 @@ def _auth_call(what: str, fn):
     try:
         return fn()
     except MlflowException as err:
-        from softmaxlab.tracking.tracker import refusal
+        from softmaxlab.tracking.server import refusal
 
         if refusal(err) == 401:
             raise UserError(
