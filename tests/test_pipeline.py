@@ -55,7 +55,7 @@ def test_train_writes_what_it_ran_in_dvc_exp_show_order(trained):
 def test_stages_do_not_import_what_they_do_not_use(stage, absent):
     # Each `dvc repro` stage is its own process: an import it does not need costs seconds
     # on every run (TensorFlow ~6 s, MLflow ~3 s, matplotlib ~0.5 s on a 2-core machine).
-    code = f"import sys, softmaxlab.{stage}; print(sorted({absent!r} & set(sys.modules)))"
+    code = f"import sys, softmaxlab.stages.{stage}; print(sorted({absent!r} & set(sys.modules)))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
 
@@ -64,7 +64,7 @@ def test_stages_do_not_import_what_they_do_not_use(stage, absent):
 def test_train_stage_loads_keras_without_sklearn_and_leaves_sklearn_importable():
     # keras would import scikit-learn and SciPy's stats (~1.4 s) for wrappers we never use.
     code = (
-        "import sys; from softmaxlab import backend; backend.keras_module('tensorflow'); import keras;"
+        "import sys; from softmaxlab.model import backend; backend.keras_module('tensorflow'); import keras;"
         "hidden = 'sklearn' not in sys.modules and 'scipy.stats' not in sys.modules;"
         "from sklearn.datasets import make_blobs; make_blobs(n_samples=4, random_state=0);"
         "print(hidden, keras.layers.Dense(2)(keras.ops.ones((1, 3))).shape)"
@@ -157,11 +157,10 @@ def test_mlflow_run_holds_params_curves_metrics_artifacts_model_and_provenance(t
     assert {"metrics.json", "reliability.csv", "reliability_ts.csv", "classwise.csv"} <= calibration
 
 
-def test_same_config_gives_bit_identical_data_and_only_data_seed_moves_it():
+def test_only_data_seed_moves_the_data():
+    # (Same config, same bytes: test_faults.py's two fresh projects, data to predictions.)
     cfg = compose_config(*tiny_overrides())
     a_train, a_test = generate.generate(cfg.data)
-    b_train, b_test = generate.generate(cfg.data)
-    pd.testing.assert_frame_equal(a_train, b_train, check_exact=True)
     # The training seed leaves the data alone: a sweep over seeds shares one test set.
     other_seed = compose_config(*tiny_overrides("seed=7"))
     assert other_seed.seed != cfg.seed and other_seed.data == cfg.data
@@ -169,15 +168,7 @@ def test_same_config_gives_bit_identical_data_and_only_data_seed_moves_it():
     assert not c_train.equals(a_train) and not c_test.equals(a_test)
 
 
-def test_same_config_gives_identical_training_on_cpu():
-    cfg = compose_config(*tiny_overrides())
-    train_df, test_df = pipeline.data_for(cfg.data)
-    a = train.train(cfg, train_df, test_df)
-    b = train.train(cfg, train_df, test_df)
-    pd.testing.assert_frame_equal(a.history, b.history, check_exact=True)
-    pd.testing.assert_frame_equal(a.predictions["test"], b.predictions["test"], check_exact=True)
-
-
+@pytest.mark.slow
 def test_seed_config_reaches_the_tutorials_accuracy_through_keras_fit():
     """The tutorial's exact defaults (30 epochs, batch 5, Adam 1e-3) through keras.Model.fit."""
     cfg = compose_config()
