@@ -2,7 +2,8 @@
 backends, one backend per process, and Keras' own progress display on a terminal only.
 
 A process has one Keras backend, so everything that needs the other one runs in a
-subprocess (pytest's own process trains on TensorFlow).
+subprocess (pytest's own process trains on TensorFlow). The tests marked `jax` need the jax
+extra (make setup-jax); the others run on TensorFlow alone.
 """
 
 from __future__ import annotations
@@ -21,14 +22,13 @@ from softmaxlab.core.config import fit_size
 from softmaxlab.model import training
 from softmaxlab.stages import pipeline
 
-pytest.importorskip("jax", reason="the jax extra is not installed (make setup-jax)")
-
 
 def python(code: str, backend: str, cwd: Path = ROOT, **env: str) -> str:
     out = run_cmd([sys.executable, "-c", code], cwd, env_with_venv(KERAS_BACKEND=backend, **env))
     return out.stdout
 
 
+@pytest.mark.jax
 def test_jax_device_probe_says_nothing_under_an_info_logger():
     # Hydra's app logs at INFO; JAX's probe for a TPU used to print an "Unable to initialize
     # backend 'tpu'" line there on every run.
@@ -83,6 +83,7 @@ def train_in(backend: str, path: Path, *extra: str) -> dict:
 
 
 @pytest.mark.slow
+@pytest.mark.jax
 @pytest.mark.parametrize(("saved_on", "loaded_on"), [("tensorflow", "jax"), ("jax", "tensorflow")])
 def test_a_keras_file_saved_on_one_backend_loads_and_predicts_the_same_on_the_other(
     tmp_path, saved_on, loaded_on
@@ -101,6 +102,7 @@ def test_a_keras_file_saved_on_one_backend_loads_and_predicts_the_same_on_the_ot
 
 
 @pytest.mark.slow
+@pytest.mark.jax
 def test_jax_training_is_deterministic_and_learns_the_blobs(tmp_path):
     a = train_in("jax", tmp_path / "a.keras", "train.epochs=8", "train.batch_size=5")
     b = train_in("jax", tmp_path / "b.keras", "train.epochs=8", "train.batch_size=5")
@@ -112,6 +114,7 @@ def test_jax_training_is_deterministic_and_learns_the_blobs(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.jax
 def test_dvc_repro_on_jax_records_its_backend(tmp_path):
     # The whole pipeline as `dvc repro` runs it, with train.backend=jax in params.yaml.
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
@@ -128,6 +131,7 @@ def test_dvc_repro_on_jax_records_its_backend(tmp_path):
     assert run.info.status == "FINISHED"
 
 
+@pytest.mark.jax
 def test_a_process_refuses_a_second_backend_in_one_line():
     code = (
         "from softmaxlab.model import backend; from softmaxlab.core.errors import UserError\n"
@@ -139,11 +143,11 @@ def test_a_process_refuses_a_second_backend_in_one_line():
     assert "train.backend='tensorflow'" in out and "already runs Keras on 'jax'" in out
 
 
+@pytest.mark.jax
 def test_jax_process_does_not_import_tensorflow():
     # Keras' set_random_seed would import TensorFlow "for tf.data" (seconds, CUDA chatter).
     code = (
-        "import sys\nfrom softmaxlab.core.config import compose, to_config\n"
-        "from softmaxlab.stages import pipeline\nfrom softmaxlab.model import training\n"
+        "import sys\nfrom softmaxlab.core.config import compose, to_config\nfrom softmaxlab.stages import pipeline\nfrom softmaxlab.model import training\n"
         f"cfg = to_config(compose({tiny_overrides('train.backend=jax', 'train.epochs=1')!r}, with_schema=True))\n"
         "training.train(cfg, *pipeline.data_for(cfg.data))\n"
         "print('tensorflow' in sys.modules)\n"
@@ -172,6 +176,7 @@ def test_early_stopping_from_config_stops_before_the_last_epoch():
     assert list(result.history["epoch"]) == list(range(1, len(result.history) + 1))
 
 
+@pytest.mark.slow
 def test_a_run_far_below_what_the_data_allows_says_so(tmp_path):
     # SGD with momentum at lr 0.01 kills the ReLUs on the blobs' unscaled inputs (seen on
     # the README's old example): validation accuracy stays near 0.5 where 1.0 is possible.
@@ -201,6 +206,7 @@ print("done")
 """
 
 
+@pytest.mark.slow
 def test_keras_progress_shows_on_a_terminal_and_stays_out_of_captured_output():
     captured = python(PROGRESS, "tensorflow")
     assert "Epoch" not in captured and captured.strip().endswith("done")
@@ -246,6 +252,7 @@ def test_a_sweep_that_mixes_backends_fails_once_before_any_job(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.jax
 def test_the_hydra_app_trains_on_jax_and_records_it(tmp_path):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     args = [sys.executable, "-m", "softmaxlab", "train.backend=jax", *tiny_overrides(),

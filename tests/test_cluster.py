@@ -23,7 +23,7 @@ from test_sweep import check_parent_and_children, runs
 
 from softmaxlab.sweeps.summary import SUMMARY_COLUMNS
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.cluster]
 
 
 def needs_root_for_namespaces() -> None:
@@ -251,6 +251,7 @@ def test_an_optuna_database_prepared_here_is_one_optuna_2_opens_and_shares(tmp_p
     assert len(optuna.load_study(study_name="s", storage=url).trials) == 3
 
 
+@pytest.mark.team
 def test_two_optuna_sweeps_started_at_once_share_one_study_on_postgresql(team_stack, tmp_path):
     import mlflow
     import optuna

@@ -67,23 +67,28 @@ def test_bad_override_type_fails_at_compose_time_naming_the_key():
     assert "train.epochs" in str(err.value.__cause__) or "train.epochs" in str(err.value)
 
 
+# Every validation rule with a bad value, in-process; what a command does with one (the exit
+# code, one line, nothing lost) is test_faults.py's, through a representative of each path.
 BAD_VALUES = [
-    ("model.activation=relux", "model.activation='relux'"),
-    ("optimizer.name=adamw", "optimizer.name='adamw'"),
+    ("model.activation=relux", "model.activation='relux' is not allowed: choose one of relu,"),
+    ("optimizer.name=adamw", "optimizer.name='adamw' is not allowed: choose one of adam, sgd"),
     ("optimizer.lr=0", "optimizer.lr=0.0"),
-    ("optimizer.lr=-0.1", "optimizer.lr=-0.1"),
     ("train.validation_split=1.0", "train.validation_split=1.0"),
-    ("train.batch_size=100000", "train.batch_size=100000"),
+    ("train.batch_size=0", "train.batch_size=0"),
+    (
+        "train.batch_size=100000",
+        "train.batch_size=100000 is not allowed: must be <= the 600 samples trained on",
+    ),
     ("data.n_test=1000", "data.n_test=1000"),
-    ("data.centers=[[1,2]]", "data.centers"),
+    ("data.centers=[[1,2]]", "data.centers=[[1, 2]] is not allowed: give at least 2 centers"),
     ("model.hidden=[12,0]", "model.hidden[1]=0"),
     ("model.hidden=[]", "model.hidden=[]"),
-    ("train.device=tpu", "train.device='tpu'"),
+    ("train.device=tpu", "train.device='tpu' is not allowed: choose one of auto, cpu, gpu"),
     ("train.backend=torch", "train.backend='torch'"),
     ("train.early_stopping.monitor=val_f1", "train.early_stopping.monitor='val_f1'"),
     ("train.early_stopping.patience=-1", "train.early_stopping.patience=-1"),
     ("train.early_stopping.min_delta=-0.1", "train.early_stopping.min_delta=-0.1"),
-    ("train.loss=mse", "train.loss='mse'"),
+    ("train.loss=mse", "train.loss='mse' is not allowed: choose one of categorical_crossentropy,"),
     ("model.kernel_initializer=zeros", "model.kernel_initializer='zeros'"),
     ("seed=-1", "seed=-1"),
     ("data.seed=-1", "data.seed=-1"),
@@ -97,7 +102,7 @@ BAD_VALUES = [
     ("evaluate.n_bins=0", "evaluate.n_bins=0"),
     ("evaluate.n_bootstrap=-1", "evaluate.n_bootstrap=-1"),
     ("evaluate.ci=1.0", "evaluate.ci=1.0"),
-    ("objective=test/accuracy", "objective='test/accuracy'"),
+    ("objective=test/accuracy", "objective='test/accuracy' is not allowed: choose one of val/nll,"),
     ("tracking.experiment=' '", "tracking.experiment=' '"),
     ("tracking.registered_model='a b'", "tracking.registered_model='a b'"),
 ]

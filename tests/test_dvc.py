@@ -1,4 +1,6 @@
-"""`dvc repro` and `dvc exp run` in a real temporary git + DVC project, as a user runs them."""
+"""`dvc repro` and `dvc exp run` in a real temporary git + DVC project, as a user runs them.
+The fast tier checks the session's one `dvc repro` (conftest's `ran_project`); the rest change
+copies of it."""
 
 from __future__ import annotations
 
@@ -9,9 +11,8 @@ import shutil
 import sys
 
 import pytest
-from conftest import env_with_venv, make_project, run_cmd, tiny_overrides
+from conftest import copy_project, env_with_venv, make_project, run_cmd, tiny_overrides
 
-pytestmark = pytest.mark.slow
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 IN_CI = os.environ.get("CI", "").lower() == "true"
 
@@ -37,14 +38,14 @@ def runs_in(project):
 
 
 @pytest.fixture(scope="module")
-def repro_project(tmp_path_factory):
-    project = make_project(tmp_path_factory.mktemp("dvc") / "proj", *tiny_overrides())
-    first = run_cmd(["dvc", "repro"], project)
-    return project, first
+def repro_project(ran_project, tmp_path_factory):
+    """A copy of the session's ran project that this module's slow tests change in turn."""
+    project, first = ran_project
+    return copy_project(project, tmp_path_factory.mktemp("dvc") / "proj"), first
 
 
-def test_repro_runs_four_stages_and_one_mlflow_run(repro_project):
-    project, first = repro_project
+def test_repro_runs_four_stages_and_one_mlflow_run(ran_project):
+    project, first = ran_project
     for stage in ["generate", "train", "evaluate", "report"]:
         assert f"Running stage '{stage}'" in first.stdout
     metrics = json.loads((project / "reports/metrics.json").read_text())
@@ -62,8 +63,8 @@ def test_repro_runs_four_stages_and_one_mlflow_run(repro_project):
     assert json.loads((project / "reports/train.json").read_text())["run_id"] == run.info.run_id
 
 
-def test_outputs_are_tracked_by_dvc_and_ignored_by_git(repro_project):
-    project, _ = repro_project
+def test_outputs_are_tracked_by_dvc_and_ignored_by_git(ran_project):
+    project, _ = ran_project
     lock = (project / "dvc.lock").read_text()
     for out in ["data/train.parquet", "models/model.keras", "reports/metrics.json", "reports/report.html"]:
         assert out in lock
@@ -71,13 +72,14 @@ def test_outputs_are_tracked_by_dvc_and_ignored_by_git(repro_project):
     assert "!! data/" in status and "!! reports/" in status and "!! mlflow.db" in status
 
 
-def test_second_repro_is_up_to_date_and_makes_no_run(repro_project):
-    project, _ = repro_project
+def test_second_repro_is_up_to_date_and_makes_no_run(ran_project):
+    project, _ = ran_project
     second = run_cmd(["dvc", "repro"], project)
     assert "Data and pipelines are up to date." in second.stdout
     assert len(runs_in(project)[1]) == 1
 
 
+@pytest.mark.slow
 def test_changing_a_training_param_reruns_train_evaluate_report_not_generate(repro_project):
     project, _ = repro_project
     params = project / "params.yaml"
@@ -89,6 +91,7 @@ def test_changing_a_training_param_reruns_train_evaluate_report_not_generate(rep
     assert len(runs_in(project)[1]) == 2
 
 
+@pytest.mark.slow
 def test_a_retrain_with_identical_results_still_completes_its_own_run(repro_project):
     # Training is deterministic, so a forced retrain reproduces the same predictions and DVC
     # rightly skips evaluate; report must still run, or the new MLflow run would hold no test
@@ -104,6 +107,7 @@ def test_a_retrain_with_identical_results_still_completes_its_own_run(repro_proj
     assert "report.html" in {a.path for a in client.list_artifacts(newest.info.run_id)}
 
 
+@pytest.mark.slow
 def test_dvc_plots_show_renders_reliability_and_training_curves(repro_project):
     project, _ = repro_project
     plots = json.loads(run_cmd(["dvc", "plots", "show", "--json"], project).stdout)["data"]
@@ -142,6 +146,8 @@ def test_dvc_plots_show_renders_reliability_and_training_curves(repro_project):
     assert "cdn.jsdelivr" not in page and "vega-embed@6.18.2 from the npm registry" in page
 
 
+@pytest.mark.slow
+@pytest.mark.browser
 @pytest.mark.skipif(CHROMIUM is None and not IN_CI, reason="needs Debian's chromium (.ci/run installs it)")
 def test_dvc_plots_page_draws_its_charts_in_a_browser_with_no_network(repro_project, tmp_path):
     project, _ = repro_project
@@ -159,17 +165,16 @@ def test_dvc_plots_page_draws_its_charts_in_a_browser_with_no_network(repro_proj
 
 
 @pytest.fixture(scope="module")
-def exp_project(tmp_path_factory):
+def exp_project(ran_project, tmp_path_factory):
     """A committed baseline and one `dvc exp run -n wide-exp -S model=wide` beside it."""
-    project = make_project(tmp_path_factory.mktemp("exp") / "proj", *tiny_overrides())
-    run_cmd(["dvc", "repro"], project)
-    run_cmd(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qam", "baseline"], project)
+    project = copy_project(ran_project[0], tmp_path_factory.mktemp("exp") / "proj")
     # DVC composes conf/ (full-size defaults) with these overrides into params.yaml.
     sets = ["-S", "model=wide", *[a for o in tiny_overrides() for a in ("-S", o)]]
     run_cmd(["dvc", "exp", "run", "-n", "wide-exp", *sets], project)
     return project
 
 
+@pytest.mark.slow
 def test_dvc_exp_run_with_hydra_override_composes_conf_and_shows_beside_baseline(exp_project):
     show = json.loads(run_cmd(["dvc", "exp", "show", "--json"], exp_project).stdout)
     text = json.dumps(show)
@@ -197,6 +202,7 @@ def table_rows(text: str) -> tuple[str, list[str]]:
     return lines[rules[0] + 1], lines[rules[1] + 1 : rules[2]]
 
 
+@pytest.mark.slow
 def test_dvc_exp_show_default_opens_with_what_ran_and_its_headline_one_line_per_experiment(exp_project):
     # Not a terminal: DVC renders what it sends to its pager (less -S on a terminal), whose
     # first screen is what a user sees at a glance.
@@ -209,6 +215,7 @@ def test_dvc_exp_show_default_opens_with_what_ran_and_its_headline_one_line_per_
     assert re.search(r" wide +64-64 +adam +0\.001 +2 +blobs +tensorflow +0\.\d+ ", wide), wide
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("columns", [120, 150, 160])
 def test_dvc_exp_show_no_pager_fits_the_terminal_without_blank_continuation_lines(exp_project, columns):
     # --no-pager fits the terminal: DVC collapses what does not fit into "…" cells.
@@ -231,14 +238,12 @@ def output_hashes(project) -> dict[str, str]:
 
 
 @pytest.fixture
-def committed_project(tmp_path):
+def committed_project(ran_project, tmp_path):
     """A project whose pipeline ran and whose outputs and dvc.lock are committed."""
-    project = make_project(tmp_path / "proj", *tiny_overrides())
-    run_cmd(["dvc", "repro"], project)
-    run_cmd(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qam", "baseline"], project)
-    return project
+    return copy_project(ran_project[0], tmp_path / "proj")
 
 
+@pytest.mark.slow
 def test_a_bad_value_in_dvc_exp_run_stops_before_any_output_is_removed(committed_project):
     project = committed_project
     before = output_hashes(project)
@@ -264,6 +269,7 @@ def test_a_bad_value_in_dvc_exp_run_stops_before_any_output_is_removed(committed
     assert run_cmd(["dvc", "status"], project).stdout.strip() == "Data and pipelines are up to date."
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("override,dvc_says", [("model=wdie", "Could not find 'model/wdie'"),
                                                ("train.epoch=5", "Could not override 'train.epoch'")])  # fmt: skip
 def test_a_config_typo_in_dvc_exp_run_is_dvcs_error_and_changes_nothing(
@@ -279,6 +285,7 @@ def test_a_config_typo_in_dvc_exp_run_is_dvcs_error_and_changes_nothing(
     assert output_hashes(project) == before
 
 
+@pytest.mark.slow
 def test_dvc_exp_run_names_and_tags_its_mlflow_run_after_the_experiment(committed_project):
     project = committed_project
     sets = [a for o in tiny_overrides("optimizer.lr=0.01") for a in ("-S", o)]
@@ -293,6 +300,7 @@ def test_dvc_exp_run_names_and_tags_its_mlflow_run_after_the_experiment(committe
     assert "dvc_exp_name" not in runs[-1].data.tags
 
 
+@pytest.mark.slow
 def test_the_suite_passes_with_an_applied_experiment_and_adopt_makes_it_the_default(tmp_path):
     import shutil
 
@@ -322,6 +330,7 @@ def test_the_suite_passes_with_an_applied_experiment_and_adopt_makes_it_the_defa
     assert "differs from conf/" not in run_cmd(["dvc", "repro"], project).stdout
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("stage", "damaged", "error"),
     [

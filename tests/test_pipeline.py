@@ -157,11 +157,10 @@ def test_mlflow_run_holds_params_curves_metrics_artifacts_model_and_provenance(t
     assert {"metrics.json", "reliability.csv", "reliability_ts.csv", "classwise.csv"} <= calibration
 
 
-def test_same_config_gives_bit_identical_data_and_only_data_seed_moves_it():
+def test_only_data_seed_moves_the_data():
+    # (Same config, same bytes: test_faults.py's two fresh projects, data to predictions.)
     cfg = compose_config(*tiny_overrides())
     a_train, a_test = generate.generate(cfg.data)
-    b_train, b_test = generate.generate(cfg.data)
-    pd.testing.assert_frame_equal(a_train, b_train, check_exact=True)
     # The training seed leaves the data alone: a sweep over seeds shares one test set.
     other_seed = compose_config(*tiny_overrides("seed=7"))
     assert other_seed.seed != cfg.seed and other_seed.data == cfg.data
@@ -169,15 +168,7 @@ def test_same_config_gives_bit_identical_data_and_only_data_seed_moves_it():
     assert not c_train.equals(a_train) and not c_test.equals(a_test)
 
 
-def test_same_config_gives_identical_training_on_cpu():
-    cfg = compose_config(*tiny_overrides())
-    train_df, test_df = pipeline.data_for(cfg.data)
-    a = training.train(cfg, train_df, test_df)
-    b = training.train(cfg, train_df, test_df)
-    pd.testing.assert_frame_equal(a.history, b.history, check_exact=True)
-    pd.testing.assert_frame_equal(a.predictions["test"], b.predictions["test"], check_exact=True)
-
-
+@pytest.mark.slow
 def test_seed_config_reaches_the_tutorials_accuracy_through_keras_fit():
     """The tutorial's exact defaults (30 epochs, batch 5, Adam 1e-3) through keras.Model.fit."""
     cfg = compose_config()

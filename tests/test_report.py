@@ -50,6 +50,7 @@ def test_report_states_the_key_numbers(trained):
 
 
 @pytest.mark.slow
+@pytest.mark.browser
 @pytest.mark.skipif(CHROMIUM is None and not IN_CI, reason="needs Debian's chromium (.ci/run installs it)")
 def test_report_renders_in_headless_chromium(trained, tmp_path):
     from matplotlib.image import imread
@@ -104,6 +105,7 @@ def test_evaluation_is_recorded_in_the_run_even_when_drawing_fails(trained, tmp_
     assert "calibration" in artifacts and "report.html" not in artifacts
 
 
+@pytest.mark.slow
 def test_report_stage_draws_under_cprofile_as_bench_profile_runs_it(trained, tmp_path):
     # `python -m cProfile -m softmaxlab.stages.report` (bench/profile.py): __main__ is cProfile's,
     # so the drawing process must get `draw` from softmaxlab.stages.report, not from __main__.

@@ -211,6 +211,7 @@ def test_promote_says_so_when_nothing_qualifies_and_moves_nothing(tmp_path):
     assert str(client.get_model_version_by_alias("m", "champion").version) == "1"
 
 
+@pytest.mark.slow
 def test_promote_and_serve_refuse_a_missing_store_or_registered_model(tmp_path):
     from mlflow.tracking import MlflowClient
 
@@ -275,23 +276,36 @@ class Server:
         stop_group(self.proc)
 
 
-@pytest.fixture(scope="module")
-def two_runs(tmp_path_factory):
-    """A project with two tiny runs (seeds 0 and 1) registered as versions 1 and 2 of `served`,
-    on overlapping classes: there the temperature is fitted inside its bounds."""
+SERVED = tiny_overrides("data=overlap", "train.epochs=5", "tracking.registered_model=served")
+
+
+def served_run(project, uri: str, seed: int) -> dict:
+    """A tiny run registered as the next version of `served`, on overlapping classes: there
+    the temperature is fitted inside its bounds."""
     from softmaxlab.stages import pipeline
     from softmaxlab.tracking.tracker import connect
 
-    overrides = tiny_overrides("data=overlap", "train.epochs=5", "tracking.registered_model=served")
-    project = make_project(tmp_path_factory.mktemp("serve") / "proj", *overrides)
+    cfg = compose_config(*SERVED, f"seed={seed}", f"tracking.uri={uri}")
+    root = project / f"run{seed}"
+    metrics = pipeline.run(cfg, root, connect(cfg), run_name=f"seed{seed}")
+    test = pd.read_parquet(root / cfg.paths.test_data)[["x1", "x2"]]
+    return {"cfg": cfg, "root": root, "metrics": metrics, "test": test}
+
+
+@pytest.fixture(scope="module")
+def one_run(tmp_path_factory):
+    """A project with one tiny run (seed 0), version 1 of `served`."""
+    project = make_project(tmp_path_factory.mktemp("serve") / "proj", *SERVED)
     uri = f"sqlite:///{project / 'mlflow.db'}"
-    runs = []
-    for seed in (0, 1):
-        cfg = compose_config(*overrides, f"seed={seed}", f"tracking.uri={uri}")
-        root = project / f"run{seed}"
-        metrics = pipeline.run(cfg, root, connect(cfg), run_name=f"seed{seed}")
-        test = pd.read_parquet(root / cfg.paths.test_data)[["x1", "x2"]]
-        runs.append({"cfg": cfg, "root": root, "metrics": metrics, "test": test})
+    return project, uri, [served_run(project, uri, 0)]
+
+
+@pytest.fixture(scope="module")
+def two_runs(one_run):
+    """The same project with a second run (seed 1), version 2 of `served`."""
+    project, uri, runs = one_run
+    if len(runs) == 1:
+        runs.append(served_run(project, uri, 1))
     return project, uri, runs
 
 
@@ -311,11 +325,10 @@ def served_probs(port: int, test: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(body["predictions"])
 
 
-@pytest.mark.slow
-def test_served_champion_answers_softmax_of_logits_over_t_and_refuses_bad_input(two_runs, servers):
+def test_served_champion_answers_softmax_of_logits_over_t_and_refuses_bad_input(one_run, servers):
     from mlflow.tracking import MlflowClient
 
-    project, uri, runs = two_runs
+    project, uri, runs = one_run
     MlflowClient(uri).set_registered_model_alias("served", "champion", "1")
     server = Server(project)
     servers.append(server)

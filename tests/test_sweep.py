@@ -1,4 +1,5 @@
-"""Hydra multirun (sequential and joblib) and DVC's queued grid, against real sqlite stores."""
+"""Hydra multirun and DVC's queued grid, against real sqlite stores. (Parallel jobs with the
+joblib launcher: test_tracking_server.py's 8 jobs on 2 workers.)"""
 
 from __future__ import annotations
 
@@ -7,9 +8,7 @@ import time
 
 import pandas as pd
 import pytest
-from conftest import ROOT, make_project, run_cmd, tiny_overrides
-
-pytestmark = pytest.mark.slow
+from conftest import ROOT, copy_project, make_project, run_cmd, tiny_overrides
 
 
 def sweep(project, *args):
@@ -82,31 +81,27 @@ def test_in_process_multirun_logs_children_under_one_parent_with_summary(project
     pd.testing.assert_frame_equal(pd.read_csv(project / "rebuilt" / "summary.csv"), summary)
 
 
-def test_parallel_joblib_sweep_loses_no_runs(tmp_path):
-    project = make_project(tmp_path / "proj")
-    proc = sweep(project, "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "model=seed,tiny", "seed=0,1")
-    check_parent_and_children(project, 4)
-    # Jobs finish in other processes, in any order, and still count to 4/4 exactly once each.
-    done = sorted(line.split(" jobs done")[0] for line in proc.stderr.splitlines() if " jobs done" in line)
-    assert done == [f"sweep: {k}/4" for k in range(1, 5)]
-
-
-def test_queued_dvc_grid_runs_and_shows_in_exp_show(tmp_path):
-    project = make_project(tmp_path / "proj", *tiny_overrides())
-    run_cmd(["dvc", "repro"], project)
-    run_cmd(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qam", "baseline"], project)
+@pytest.mark.slow
+def test_queued_dvc_grid_runs_and_shows_in_exp_show(ran_project, tmp_path):
+    project = copy_project(ran_project[0], tmp_path / "proj")  # its baseline ran and is committed
     tiny = [a for o in tiny_overrides() for a in ("-S", o)]
     run_cmd(
         ["dvc", "exp", "run", "--queue", "-S", "model=seed,wide", "-S", "optimizer.lr=0.001,0.01", *tiny],
         project,
     )
     run_cmd(["dvc", "queue", "start", "-j", "1"], project)
+    # The experiments' runs ended (FINISHED, or not), then DVC's status of each: the deadline
+    # is a bound for a queue that hangs, not a wait.
     deadline = time.time() + 600
     while time.time() < deadline:
-        status = run_cmd(["dvc", "queue", "status"], project).stdout
-        if "Queued" not in status and "Running" not in status:
+        df = runs(project)
+        if len(df) >= 4 and "RUNNING" not in set(df["status"]):
             break
-        time.sleep(5)
+        time.sleep(0.5)
+    while True:
+        status = run_cmd(["dvc", "queue", "status"], project).stdout
+        if ("Queued" not in status and "Running" not in status) or time.time() > deadline:
+            break
     assert status.count("Success") == 4, status
     shown = json.dumps(json.loads(run_cmd(["dvc", "exp", "show", "--json"], project).stdout))
     assert shown.count('"accuracy"') >= 5  # baseline + 4 experiments
@@ -118,6 +113,7 @@ def test_queued_dvc_grid_runs_and_shows_in_exp_show(tmp_path):
     assert df["status"].eq("FINISHED").all()
 
 
+@pytest.mark.slow
 def test_a_job_that_fails_while_training_fails_alone_and_the_sweep_says_so(tmp_path):
     project = make_project(tmp_path / "proj")
     # lr=1000 with SGD diverges (NaN loss): only training can find that out.
@@ -239,6 +235,7 @@ def test_every_job_of_every_sweep_preset_composes_and_validates(preset, n_jobs):
     assert config.objective == "val/nll"
 
 
+@pytest.mark.slow
 def test_optuna_preset_runs_tiny_and_picks_on_the_validation_objective(tmp_path):
     project = make_project(tmp_path / "proj")
     sweep(project, "sweep=optuna", "hydra.sweeper.n_trials=2")

@@ -1,5 +1,6 @@
 """The team services (issue 12 items 1 and 4): real PostgreSQL, Ceph radosgw and MLflow server
-processes on 127.0.0.1, started by the same code as `softmaxlab team up`."""
+processes on 127.0.0.1, started by the same code as `softmaxlab team up`: the session's shared
+stack (basic-auth on), or for the tests that stop services a stack of their own (conftest)."""
 
 from __future__ import annotations
 
@@ -14,14 +15,14 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from conftest import env_with_venv, make_project, run_cmd, team_services, tiny_overrides
+from conftest import OWN_TEAM_STACK, env_with_venv, make_project, run_cmd, tiny_overrides
 
 from softmaxlab.core.errors import UserError
 from softmaxlab.core.processes import group_members
 from softmaxlab.team import ceph, install, services, stack, users
 from softmaxlab.team.state import DVC_BUCKET, MLFLOW_BUCKET, SERVICES, State
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.team]
 
 
 def http_status(
@@ -125,15 +126,19 @@ def test_databases_for_mlflow_and_optuna_take_the_generated_password_only(team_s
         sqlalchemy.create_engine(wrong).connect()
 
 
-def test_no_secret_in_any_process_listing(team_stack):
-    listing = process_listing()
-    assert f"--port {team_stack.ports['mlflow']}" in listing  # the server is in it
-    for value in secret_values(team_stack):
-        assert value not in listing
+def state_copy(state: State, dest: Path, **changes) -> State:
+    """The stack's state files in `dest` with `changes` (auth, secrets): a `softmaxlab team`
+    command pointed there talks to the same servers, and the shared stack's own files stay."""
+    copy = State(dest, state.ports, state.auth, state.ceph, state.secrets)
+    for name, value in changes.items():
+        setattr(copy, name, value)
+    copy.save()
+    return copy
 
 
 def test_team_commands_say_what_is_wrong_in_one_line(team_stack, tmp_path):
-    out = team_cli(team_stack, "add-user", "alice")
+    # The same stack as the team saw it before `team up --auth`.
+    out = team_cli(state_copy(team_stack, tmp_path / "no-auth", auth=False), "add-user", "alice")
     assert out.returncode == 2 and out.stderr.count("\n") == 1
     assert "without basic-auth" in out.stderr and "--auth" in out.stderr
     nothing = run_cmd(
@@ -190,13 +195,7 @@ def test_join_sets_a_clones_dvc_remote_from_the_sourced_env_and_dvc_push_reaches
     assert got == (project / "blob.bin").read_bytes()
 
 
-# --- basic-auth, a restart and down: a stack of their own ----------------------------------------
-
-
-@pytest.fixture(scope="module")
-def auth_stack():
-    with team_services(auth=True) as state:
-        yield state
+# --- basic-auth (the shared stack has it on); a restart and down: a stack of their own ------------
 
 
 def test_basic_auth_users_and_per_experiment_permissions(auth_stack):
@@ -241,16 +240,9 @@ def test_basic_auth_users_and_per_experiment_permissions(auth_stack):
     assert stat.S_IMODE(auth_stack.path("mlflow", "basic_auth.ini").stat().st_mode) == 0o600
 
 
-def test_wrong_admin_password_is_one_line_naming_the_variable(auth_stack):
-    secrets_file = auth_stack.path("secrets.json")
-    saved = secrets_file.read_text()
-    data = json.loads(saved)
-    data["admin_password"] = "not-the-password"
-    secrets_file.write_text(json.dumps(data))
-    try:
-        out = team_cli(auth_stack, "add-user", "mallory")
-    finally:
-        secrets_file.write_text(saved)
+def test_wrong_admin_password_is_one_line_naming_the_variable(auth_stack, tmp_path):
+    wrong = {**auth_stack.secrets, "admin_password": "not-the-password"}
+    out = team_cli(state_copy(auth_stack, tmp_path / "wrong", secrets=wrong), "add-user", "mallory")
     assert out.returncode == 2 and out.stderr.count("\n") == 1 and "Traceback" not in out.stderr
     assert "HTTP 401" in out.stderr and "MLFLOW_AUTH_ADMIN_PASSWORD" in out.stderr
 
@@ -332,6 +324,7 @@ def test_a_users_pipeline_run_on_the_auth_server_carries_no_credential(auth_stac
 
 def test_auth_mode_puts_no_credential_in_process_listings_or_logs(auth_stack):
     listing = process_listing()
+    assert f"--port {auth_stack.ports['mlflow']}" in listing  # the server is in it
     assert "--app-name basic-auth" in listing
     logs = "".join(p.read_text(errors="replace") for p in auth_stack.path("logs").glob("*.log"))
     for value in secret_values(auth_stack):
@@ -339,6 +332,7 @@ def test_auth_mode_puts_no_credential_in_process_listings_or_logs(auth_stack):
         assert value not in logs
 
 
+@pytest.mark.xdist_group(OWN_TEAM_STACK)
 def test_stopping_one_service_leaves_the_others_and_up_restarts_only_it(auth_stack):
     before = {name: services.running_pid(auth_stack, name) for name in SERVICES}
     assert stack.stop(auth_stack.dir, "radosgw", say=lambda line: None) == ["radosgw"]
@@ -357,6 +351,7 @@ def test_stopping_one_service_leaves_the_others_and_up_restarts_only_it(auth_sta
         stack.stop(auth_stack.dir, "minio")
 
 
+@pytest.mark.xdist_group(OWN_TEAM_STACK)
 def test_down_stops_every_process_and_up_keeps_objects_and_runs(auth_stack):
     admin = ("admin", auth_stack.env["MLFLOW_TRACKING_PASSWORD"])
     create = f"{auth_stack.mlflow_url}/api/2.0/mlflow/experiments/create"

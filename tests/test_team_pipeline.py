@@ -1,6 +1,7 @@
 """The pipeline against the team services (issue 12 items 2, 3, 6): real PostgreSQL, Ceph
-radosgw and MLflow server processes (the session's `team_stack`), real clones sharing one git
-remote, DVC's S3 remote and the tracking server."""
+radosgw and MLflow server processes (`team_stack`: basic-auth on; the tests that stop a service
+have a stack of their own), real clones sharing one git remote, DVC's S3 remote and the tracking
+server."""
 
 from __future__ import annotations
 
@@ -17,13 +18,13 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import env_with_venv, make_project, run_cmd, tiny_overrides
+from conftest import OWN_TEAM_STACK, Lines, env_with_venv, make_project, run_cmd, tiny_overrides
 
 from softmaxlab.team import ceph, stack
 from softmaxlab.team.state import DVC_BUCKET, MLFLOW_BUCKET
 from softmaxlab.team.users import configure_dvc
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.team]
 OUTPUT_DIRS = ("data", "models", "predictions", "reports")
 
 
@@ -84,6 +85,7 @@ def sweep_id_once_job_1_logs(client, experiment: str, sweep: subprocess.Popen) -
     raise AssertionError("job 1 never started")
 
 
+@pytest.mark.xdist_group(OWN_TEAM_STACK)  # stops radosgw
 def test_two_clones_share_data_experiments_and_runs_through_the_team_stack(team_stack, tmp_path):
     from mlflow.tracking import MlflowClient
 
@@ -247,6 +249,7 @@ def test_every_sweep_kind_logs_to_the_team_server(team_stack, tmp_path):
     assert not (project / "mlflow.db").exists()  # nothing went to the local store
 
 
+@pytest.mark.xdist_group(OWN_TEAM_STACK)
 def test_postgres_restarting_mid_sweep_leaves_no_run_running(team_stack, tmp_path):
     """The server's database restarts while jobs log: MLflow's retries ride it out, or the job
     fails alone with its error; no run is left RUNNING."""
@@ -279,6 +282,7 @@ def test_postgres_restarting_mid_sweep_leaves_no_run_running(team_stack, tmp_pat
     assert (sweep.returncode == 0) == all(r.info.status == "FINISHED" for r in jobs)
 
 
+@pytest.mark.xdist_group(OWN_TEAM_STACK)
 def test_postgres_down_longer_than_the_retries_fails_the_job_with_its_error(team_stack, tmp_path):
     """The database stays down past the client's retries: the job logging then fails alone,
     its run ends FAILED with the error once the database is back; nothing stays RUNNING."""
@@ -294,14 +298,18 @@ def test_postgres_down_longer_than_the_retries_fails_the_job_with_its_error(team
          *tiny_overrides(f"tracking.experiment={experiment}"), "hydra.sweep.dir=sweep"],
         cwd=project, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
+    stdout, stderr = Lines(sweep.stdout), Lines(sweep.stderr)
     try:
         sid = sweep_id_once_job_1_logs(server, experiment, sweep)
         stack.stop(team_stack.dir, "postgres", say=quiet)
-        time.sleep(12)
+        # Down until job 1 has failed (its retries spent): the sweep counts it done.
+        stderr.wait_for("sweep: 2/3 jobs done", timeout=300)
         stack.up(team_stack.dir, say=quiet)
-        out, err = sweep.communicate(timeout=600)
+        sweep.wait(timeout=600)
     finally:
         sweep.kill()
+    stdout.text()  # read to its end: the sweep never waited on a full pipe
+    err = stderr.text()
     assert sweep.returncode == 1, err
     assert re.search(r"error: job 1 .*tracking store", err), err
     runs = the_run(server, experiment, sweep_id=sid)

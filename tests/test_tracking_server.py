@@ -15,6 +15,7 @@ from types import SimpleNamespace
 import pandas as pd
 import pytest
 from conftest import compose_config, env_with_venv, make_project, run_cmd, tiny_overrides
+from test_sweep import check_parent_and_children
 
 from softmaxlab.core import metrics as names
 
@@ -166,8 +167,9 @@ def test_real_server_receives_runs_directly_and_fallback_runs_by_sync(tmp_path):
 
 
 def test_parallel_sweep_of_8_jobs_on_2_workers_loses_no_runs(tmp_path):
+    # The suite's one parallel sweep (Hydra's joblib launcher), against the local store.
     project = make_project(tmp_path / "proj")
-    run_cmd(
+    proc = run_cmd(
         ["python", "-m", "softmaxlab", "-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2",
          "model=seed,tiny,wide,deep", "seed=0,1", *tiny_overrides(), "hydra.sweep.dir=sweep"],
         project,
@@ -186,6 +188,10 @@ def test_parallel_sweep_of_8_jobs_on_2_workers_loses_no_runs(tmp_path):
     assert sorted(int(v.version) for v in versions) == list(range(1, 9))
     parent = df[df["tags.sweep_overrides"].notna()]
     assert len(parent) == 1 and parent.iloc[0]["status"] == "FINISHED"
+    check_parent_and_children(project, 8)  # one parent, its children's tags
+    # Jobs finish in other processes, in any order, and still count to 8/8 exactly once each.
+    done = sorted(line.split(" jobs done")[0] for line in proc.stderr.splitlines() if " jobs done" in line)
+    assert done == [f"sweep: {k}/8" for k in range(1, 9)]
 
 
 def test_a_sync_that_fails_half_way_leaves_nothing_running_and_the_next_one_copies_once(
