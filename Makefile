@@ -11,7 +11,7 @@ CLUSTER_STAMP := $(VENV)/.installed-cluster
 # Stage commands are `python -m softmaxlab...`: run them with the venv's python.
 export PATH := $(BIN):$(PATH)
 
-.PHONY: setup setup-gpu setup-jax setup-team setup-cluster gpu-wheels gpu-check run test test-all bench bench-serve lint params ui serve team-up team-down team-status team-join lock clean
+.PHONY: setup setup-gpu setup-jax setup-team setup-cluster gpu-wheels gpu-check run test test-all bench bench-serve lint params ui serve team-install team-up team-down team-status team-join lock clean
 
 setup: $(STAMP)
 
@@ -117,6 +117,10 @@ ui: setup
 PORT ?= 5001
 serve: setup
 	$(BIN)/python -m softmaxlab serve --port $(PORT)
+
+## team-install: as root, Debian's PostgreSQL and Ceph packages (apt-get); `team-up` installs nothing
+team-install: setup
+	@$(BIN)/python -m softmaxlab.team.install
 
 ## team-up: PostgreSQL, Ceph radosgw (S3) and the MLflow server on 127.0.0.1, state in .team/
 ## (docs/team.md); `make team-up AUTH=1` puts MLflow's basic-auth app in front (kept until AUTH=0)

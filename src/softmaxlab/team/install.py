@@ -1,5 +1,6 @@
-"""What the team services need installed: Debian's PostgreSQL and Ceph packages (installed with
-apt-get when we are root) and the team extra's Python packages."""
+"""What the team services need installed: Debian's PostgreSQL and Ceph packages and the team
+extra's Python packages. `team up` only checks: it installs nothing itself. The Debian packages
+are installed when asked, as root: `make team-install` (`python -m softmaxlab.team.install`)."""
 
 from __future__ import annotations
 
@@ -7,11 +8,12 @@ import os
 import shutil
 import subprocess
 
-from softmaxlab.core.errors import UserError
+from softmaxlab.core.errors import UserError, entry_point
 from softmaxlab.team.postgres import PG_BIN
 
 CEPH_BINS = ("ceph-mon", "ceph-osd", "radosgw", "radosgw-admin", "ceph", "ceph-authtool", "monmaptool")
 APT_PACKAGES = "postgresql radosgw ceph-mon ceph-osd ceph-common"
+APT_COMMAND = f"apt-get install --no-install-recommends {APT_PACKAGES}"
 
 
 def missing_programs() -> list[str]:
@@ -22,21 +24,13 @@ def missing_programs() -> list[str]:
 
 
 def ensure_installed() -> None:
-    """Debian's PostgreSQL and Ceph packages (installed with apt-get when we are root) and the
-    team extra's Python packages; otherwise one line saying what is missing and how to get it."""
+    """Debian's PostgreSQL and Ceph packages and the team extra's Python packages are there;
+    otherwise one line saying what is missing and the one command that installs it."""
     missing = missing_programs()
-    if missing and os.geteuid() == 0 and shutil.which("apt-get"):
-        print(f"team: installing Debian packages ({APT_PACKAGES}): about 70 MB, a minute", flush=True)
-        env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-        cmd = ["apt-get", "install", "-y", "-qq", "--no-install-recommends", *APT_PACKAGES.split()]
-        if subprocess.run(cmd, env=env, capture_output=True).returncode != 0:
-            subprocess.run(["apt-get", "update", "-qq"], env=env, capture_output=True)
-            subprocess.run(cmd, env=env, capture_output=True)
-        missing = missing_programs()
     if missing:
         raise UserError(
-            f"missing {', '.join(missing)}: install Debian's packages as root "
-            f"(`apt-get install --no-install-recommends {APT_PACKAGES}`)"
+            f"missing {', '.join(missing)}: install Debian's packages as root with "
+            f"`{APT_COMMAND}` (or `make team-install`)"
         )
     absent = []
     for module, package in (
@@ -50,3 +44,28 @@ def ensure_installed() -> None:
             absent.append(package)
     if absent:
         raise UserError(f"missing Python packages {', '.join(absent)}: run `make setup-team`")
+
+
+def install_packages(say=print) -> None:
+    """`make team-install`: Debian's packages with apt-get, as root (asked for: `team up` never
+    installs anything), then the same check as `team up`."""
+    if not missing_programs():
+        say("team: Debian's PostgreSQL and Ceph packages are installed")
+        return
+    if os.geteuid() != 0 or not shutil.which("apt-get"):
+        raise UserError(f"installing Debian's packages needs root and apt-get: run `{APT_COMMAND}` as root")
+    say(f"team: installing Debian packages ({APT_PACKAGES}): about 70 MB, a minute")
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    cmd = ["apt-get", "install", "-y", "-qq", "--no-install-recommends", *APT_PACKAGES.split()]
+    if subprocess.run(cmd, env=env, capture_output=True).returncode != 0:  # a stale package index
+        subprocess.run(["apt-get", "update", "-qq"], env=env, capture_output=True)
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+        if proc.returncode != 0:
+            last = (proc.stderr.strip() or proc.stdout.strip() or "no output").splitlines()[-1]
+            raise UserError(f"`{APT_COMMAND}` failed (exit code {proc.returncode}): {last}")
+    ensure_installed()
+    say("team: installed; `make team-up` starts the services")
+
+
+if __name__ == "__main__":
+    entry_point(install_packages)()
