@@ -236,13 +236,16 @@ def start_team_services(auth: bool):
 
 def stop_team_services(state_dir: Path) -> None:
     """Everything the stack in `state_dir` started, stopped by PID (`softmaxlab team down`'s
-    code); then its folder removed."""
-    from softmaxlab.team import stack
+    code); then its folder removed, and PostgreSQL's (postgres.remove_data)."""
+    from softmaxlab.team import postgres, stack
+    from softmaxlab.team.state import load
 
     try:
         if (state_dir / "state.json").exists():
             stack.down(state_dir, say=lambda line: None)
     finally:
+        if (state_dir / "state.json").exists():  # as root PostgreSQL's files are outside it
+            postgres.remove_data(load(state_dir))
         shutil.rmtree(state_dir, ignore_errors=True)
 
 

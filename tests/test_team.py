@@ -19,7 +19,7 @@ from conftest import OWN_TEAM_STACK, env_with_venv, make_project, run_cmd, tiny_
 
 from softmaxlab.core.errors import UserError
 from softmaxlab.core.processes import group_members
-from softmaxlab.team import ceph, install, services, stack, users
+from softmaxlab.team import ceph, install, postgres, services, stack, users
 from softmaxlab.team.state import DVC_BUCKET, MLFLOW_BUCKET, SERVICES, State
 
 pytestmark = [pytest.mark.slow, pytest.mark.team]
@@ -367,7 +367,7 @@ def test_down_stops_every_process_and_up_keeps_objects_and_runs(auth_stack):
     for pid in pids.values():
         assert services.start_ticks(pid) is None  # gone (or a zombie waiting for its parent)
         assert not group_members(groups[pid])
-    assert f"-D {auth_stack.path('pg', 'data')}" not in process_listing()
+    assert f"-D {postgres.pg_dirs(auth_stack)[0]}" not in process_listing()
     assert all(s.pid is None and not s.answers for s in stack.status(auth_stack.dir))
 
     said = []

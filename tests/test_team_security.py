@@ -1,20 +1,23 @@
 """The team stack's own servers accept only those who should reach them, and `team up` does only
-what it is asked (issue 22 items 4 and 5): Ceph with cephx on, keyrings 0600; no system package
-installed unless asked."""
+what it is asked (issue 22 items 4, 5 and 6): Ceph with cephx on, keyrings 0600; no system
+package installed unless asked; a clone in a private (0700) folder brings the stack up."""
 
 from __future__ import annotations
 
 import os
+import shutil
 import stat
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
-from conftest import VENV_BIN, env_with_venv, run_cmd
+from conftest import OWN_TEAM_STACK, VENV_BIN, env_with_venv, make_project, run_cmd
 
-from softmaxlab.team import ceph, install
-from softmaxlab.team.state import DVC_BUCKET
+from softmaxlab.core.processes import free_port
+from softmaxlab.team import ceph, install, postgres, stack
+from softmaxlab.team.state import DEFAULT_PORTS, DVC_BUCKET, load, port_variable
 
 pytestmark = [pytest.mark.team]
 
@@ -96,3 +99,51 @@ def test_team_up_installs_no_system_package_unless_asked(tmp_path):
         assert "missing " in asked.stderr  # the stand-in installed nothing, so it still says so
     else:
         assert "needs root" in asked.stderr and not calls.exists()
+
+
+@pytest.mark.slow
+@pytest.mark.xdist_group(OWN_TEAM_STACK)
+def test_team_up_from_a_clone_in_a_private_folder(tmp_path):
+    """`softmaxlab team up` in a clone under a `mktemp -d` folder (0700): as root PostgreSQL runs
+    as user postgres, which cannot enter it; its files go to a folder of its own instead."""
+    missing = install.missing_programs()
+    if missing and os.environ.get("CI") != "true":
+        pytest.skip(f"team services need {', '.join(missing)}")
+    private = Path(tempfile.mkdtemp(prefix="softmaxlab-private-"))
+    assert stat.S_IMODE(private.stat().st_mode) == 0o700
+    clone = make_project(private / "clone")
+    ports = {port_variable(name): str(free_port()) for name in DEFAULT_PORTS}
+    env = env_with_venv(**ports)
+    env.pop("SOFTMAXLAB_TEAM_DIR", None)  # the clone's own .team/
+    state_dir = clone / ".team"
+    pg_home = None
+    try:
+        up = run_cmd(["softmaxlab", "team", "up"], clone, env, check=False)
+        assert up.returncode == 0, up.stderr
+        assert "team: up in" in up.stdout
+        state = load(state_dir)
+        assert all(s.answers for s in stack.status(state_dir)), stack.status(state_dir)
+        data = postgres.pg_dirs(state)[0]
+        pg_home = data.parent
+        assert (data / "PG_VERSION").exists()
+        if os.geteuid() == 0:
+            # Outside the private folder, owned by postgres, 0700, and recorded in the state.
+            assert private not in pg_home.parents
+            assert state.path("pg").is_symlink() and state.path("pg").resolve() == pg_home
+            assert pg_home.owner() == "postgres" and stat.S_IMODE(pg_home.stat().st_mode) == 0o700
+        # The databases answer through the MLflow server: it created its tables there.
+        import sqlalchemy
+
+        engine = sqlalchemy.create_engine(state.postgres_url("mlflow"))
+        with engine.connect() as conn:
+            assert conn.execute(sqlalchemy.text("SELECT count(*) FROM experiments")).scalar() >= 1
+        engine.dispose()
+        down = run_cmd(["softmaxlab", "team", "down"], clone, env, check=False)
+        assert down.returncode == 0, down.stderr
+        assert (data / "PG_VERSION").exists()  # `team down` keeps PostgreSQL's data, as the rest
+    finally:
+        if (state_dir / "state.json").exists():
+            stack.down(state_dir, say=lambda line: None)
+            postgres.remove_data(load(state_dir))
+        shutil.rmtree(private, ignore_errors=True)
+    assert pg_home is not None and not pg_home.exists()  # the throwaway stack left nothing behind

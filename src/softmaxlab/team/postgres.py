@@ -1,12 +1,20 @@
-"""The team's PostgreSQL 15 (Debian's package): a cluster under .team/pg, listening on
-127.0.0.1, with the databases `mlflow`, `mlflow_auth` and `optuna` owned by the role
-`softmaxlab`, whose password is generated and kept in .team/secrets.json."""
+"""The team's PostgreSQL 15 (Debian's package): a cluster listening on 127.0.0.1, with the
+databases `mlflow`, `mlflow_auth` and `optuna` owned by the role `softmaxlab`, whose password is
+generated and kept in .team/secrets.json.
+
+Its files (data/, run/ with the socket, postgres.log) are in .team/pg when we are not root. As
+root, PostgreSQL runs as user postgres, which may not be able to enter the clone (a 0700 home,
+`mktemp -d`): its files then go to a folder of their own in postgres's home,
+~postgres/softmaxlab/<random id> (owned by postgres, 0700), and .team/pg is a symbolic link to
+it: that link is where the state records it."""
 
 from __future__ import annotations
 
 import os
+import pwd
 import shutil
 import subprocess
+import uuid
 from pathlib import Path
 
 from softmaxlab.core.errors import UserError
@@ -18,24 +26,52 @@ PG_BIN = Path(os.environ.get("SOFTMAXLAB_PG_BIN", "/usr/lib/postgresql/15/bin"))
 
 
 def as_postgres(cmd: list) -> list[str]:
-    """initdb refuses to run as root: as root, run PostgreSQL's programs as user postgres."""
+    """initdb refuses to run as root: as root, run PostgreSQL's programs as user postgres (in
+    the folder `/`, which it may enter: every path we give them is absolute)."""
     cmd = [str(c) for c in cmd]
     return ["runuser", "-u", "postgres", "--", *cmd] if os.geteuid() == 0 else cmd
 
 
+def pg_home(state: State) -> Path:
+    """PostgreSQL's folder (data/, run/, postgres.log): .team/pg, or where its link points."""
+    return state.path("pg").resolve()
+
+
 def pg_dirs(state: State) -> tuple[Path, Path, Path]:
-    return state.path("pg", "data"), state.path("pg", "run"), state.path("pg", "postgres.log")
+    home = pg_home(state)
+    return home / "data", home / "run", home / "postgres.log"
 
 
-def _check_reachable_by_postgres(state: State) -> None:
-    if os.geteuid() != 0:
+def _place_for_postgres(state: State) -> None:
+    """As root, a new cluster's folder in postgres's home, linked from .team/pg (see above); a
+    .team/pg that exists (a real folder from before, or the link) stays."""
+    link = state.path("pg")
+    if link.is_dir() and not link.is_symlink() and not (link / "data" / "PG_VERSION").exists():
+        shutil.rmtree(link)  # what a start that failed before initdb left
+    if os.geteuid() != 0 or link.exists() or link.is_symlink():
         return
-    for d in [state.dir, *state.dir.parents]:
-        if subprocess.run(["runuser", "-u", "postgres", "--", "test", "-x", str(d)]).returncode != 0:
-            raise UserError(
-                f"PostgreSQL runs as user postgres, which cannot enter {d}: `chmod o+x {d}`, "
-                "or put the team state elsewhere with SOFTMAXLAB_TEAM_DIR=/path"
-            )
+    home = Path(pwd.getpwnam("postgres").pw_dir)
+    if subprocess.run(["runuser", "-u", "postgres", "--", "test", "-w", str(home)]).returncode != 0:
+        raise UserError(
+            f"PostgreSQL runs as user postgres, which cannot write to its home {home}: "
+            f"make it postgres's (`chown postgres: {home}`)"
+        )
+    place = home / "softmaxlab" / uuid.uuid4().hex
+    for d in (place.parent, place):
+        d.mkdir(mode=0o700, exist_ok=True)
+        shutil.chown(d, "postgres", "postgres")
+    link.symlink_to(place, target_is_directory=True)
+
+
+def remove_data(state: State) -> None:
+    """Delete the cluster's files (a stopped cluster): .team/pg, and its folder elsewhere if
+    .team/pg links to one. For throwaway stacks (the tests); `team down` keeps them."""
+    link = state.path("pg")
+    if link.is_symlink():
+        shutil.rmtree(link.resolve(), ignore_errors=True)
+        link.unlink()
+    else:
+        shutil.rmtree(link, ignore_errors=True)
 
 
 def answers(state: State) -> bool:
@@ -53,15 +89,15 @@ def _psql(state: State, sql: str) -> str:
     _, run_dir, _ = pg_dirs(state)
     cmd = [PG_BIN / "psql", "-X", "-q", "-At", "-v", "ON_ERROR_STOP=1", "-h", run_dir,
            "-p", state.ports["postgres"], "-U", "postgres", "-d", "postgres", "-f", "-"]  # fmt: skip
-    return run(as_postgres(cmd), "psql", input=sql).stdout
+    return run(as_postgres(cmd), "psql", input=sql, cwd="/").stdout
 
 
 def start(state: State) -> str:
+    _place_for_postgres(state)
     data, run_dir, log = pg_dirs(state)
     created = False
     if not (data / "PG_VERSION").exists():
-        _check_reachable_by_postgres(state)
-        for d in (state.path("pg"), data, run_dir):
+        for d in (data.parent, data, run_dir):
             d.mkdir(mode=0o700, parents=True, exist_ok=True)
             if os.geteuid() == 0:
                 shutil.chown(d, "postgres", "postgres")
@@ -69,16 +105,16 @@ def start(state: State) -> str:
             as_postgres([PG_BIN / "initdb", "-D", data, "-U", "postgres", "--auth-local=trust",
                          "--auth-host=scram-sha-256", "--encoding=UTF8", "--locale=C.UTF-8",
                          "--no-instructions"]),
-            "initdb",
+            "initdb", cwd="/",
         )  # fmt: skip
         created = True
     check_port_free(state, "postgres")
-    # The socket lives in .team/pg/run (0700, owned by postgres): the local `trust` login
-    # is open to nobody else; TCP on 127.0.0.1 needs the role's password.
+    # The socket lives in run/ (0700, owned by postgres): the local `trust` login is open to
+    # nobody else; TCP on 127.0.0.1 needs the role's password.
     options = f"-c listen_addresses={HOST} -p {state.ports['postgres']} -k {run_dir}"
     subprocess.run(
         as_postgres([PG_BIN / "pg_ctl", "-D", data, "-l", log, "-w", "-t", "60", "-o", options, "start"]),
-        capture_output=True, start_new_session=True,
+        capture_output=True, start_new_session=True, cwd="/",
     )  # fmt: skip
     if not answers(state):
         raise UserError(f"PostgreSQL did not start: {last_lines(log)}")
@@ -105,8 +141,8 @@ def stop(state: State) -> None:
     pid = running_pid(state, "postgres")
     subprocess.run(
         as_postgres([PG_BIN / "pg_ctl", "-D", data, "-m", "fast", "-w", "-t", "60", "stop"]),
-        capture_output=True,
-    )
+        capture_output=True, cwd="/",
+    )  # fmt: skip
     if pid and start_ticks(pid):  # pg_ctl could not stop it: our PID, so stop its group
         try:
             pgid = os.getpgid(pid)
