@@ -37,6 +37,31 @@ def is_remote(uri: str) -> bool:
     return uri.startswith(("http://", "https://"))
 
 
+# A password in a URI's user info (scheme://user:password@host), anywhere in a text: a command
+# line's overrides, a configured URI. A user name alone is an identity, not a secret.
+_PASSWORD_IN_URI = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*://)[^/?#@\s:]*:[^/?#@\s]*@")
+# Where each configured value takes its secret from instead (the hint of the refusal).
+_CREDENTIALS_FROM = {
+    "tracking.uri": "set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD (or MLFLOW_TRACKING_TOKEN)",
+    "hydra.sweeper.storage": "set SOFTMAXLAB_OPTUNA_STORAGE, which conf/sweep/optuna.yaml reads",
+}
+
+
+def password_refusal(key: str, value: str) -> UserError | None:
+    """A password inside a configured value (a Hydra override, params.yaml, conf/): refused,
+    since Hydra and DVC record the config and the command line (outputs' .hydra/, the run's
+    params, its `overrides` tag and name, the sweep's `sweep_overrides`), which would keep it in
+    clear. None when `value` holds none. The secret's place is the environment."""
+    if not _PASSWORD_IN_URI.search(value):
+        return None
+    shown = _PASSWORD_IN_URI.sub(r"\1***@", value)
+    where = _CREDENTIALS_FROM.get(key.lstrip("+~"), "pass the secret in the environment")
+    return UserError(
+        f"{key}={shown} holds a password, which the run's config and records would keep in clear: "
+        f"give the URI without it and {where}"
+    )
+
+
 # Servers found unreachable in this process, with why: a sweep's jobs do not each wait on a
 # silent server, and once one goes away mid-sweep the remaining jobs go straight to the local
 # store. A server that answered is asked again by each connect() (a few ms).
