@@ -236,3 +236,17 @@ def test_debug_shows_the_traceback_of_a_user_error(tmp_path):
     )
     assert debug.returncode != 0 and "Traceback (most recent call last)" in debug.stderr
     assert "softmaxlab.core.errors.UserError: optimizer.lr=-1.0" in debug.stderr
+
+
+def test_a_password_in_tracking_uri_is_refused_wherever_the_config_comes_from():
+    # params.yaml, conf/ or `dvc exp run -S` (the command line's overrides are refused before
+    # Hydra starts: test_tracking_server): the run would record it as its tracking.uri param.
+    from softmaxlab.tracking.store import resolve_uri
+
+    cfg = compose_config("tracking.uri=http://alice:pa55word@127.0.0.1:5000")
+    with pytest.raises(
+        UserError, match=r"^tracking.uri=http://\*\*\*@127.0.0.1:5000 holds a password"
+    ) as err:
+        resolve_uri(cfg)
+    assert "pa55word" not in str(err.value) and "MLFLOW_TRACKING_PASSWORD" in str(err.value)
+    assert resolve_uri(compose_config("tracking.uri=http://alice@127.0.0.1:5000")).startswith("http://alice@")

@@ -256,12 +256,45 @@ def test_a_sync_that_fails_half_way_leaves_nothing_running_and_the_next_one_copi
         server.wait(timeout=30)
 
 
+def self_signed_cert(tmp_path) -> tuple[str, str]:
+    """(certificate, key) PEM files for 127.0.0.1, signed by themselves: a CA no system trusts."""
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+        .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), False)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), True)
+        .sign(key, hashes.SHA256())
+    )  # fmt: skip
+    cert_file, key_file = tmp_path / "cert.pem", tmp_path / "key.pem"
+    cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_file.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
+    )
+    return str(cert_file), str(key_file)
+
+
 @contextlib.contextmanager
-def basic_auth_proxy(upstream_port: int, user: str, password: str):
-    """An HTTP front that answers 401 without `user:password` (Basic) and passes the rest to
-    the MLflow server: a team server behind a login, as MLflow users meet them."""
+def basic_auth_proxy(upstream_port: int, user: str, password: str, tls: tuple[str, str] | None = None):
+    """An HTTP front that answers 401 without `user:password` (Basic), /health included, and
+    passes the rest to the MLflow server: a team server behind an authenticating proxy, a common
+    deployment. With `tls` (certificate, key) it speaks HTTPS."""
     import base64
     import http.client
+    import ssl
     from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
     wanted = "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()
@@ -294,6 +327,10 @@ def basic_auth_proxy(upstream_port: int, user: str, password: str):
             pass
 
     srv = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    if tls:
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.load_cert_chain(*tls)
+        srv.socket = context.wrap_socket(srv.socket, server_side=True)
     t = threading.Thread(target=srv.serve_forever, daemon=True)
     t.start()
     try:
@@ -303,56 +340,194 @@ def basic_auth_proxy(upstream_port: int, user: str, password: str):
         srv.server_close()
 
 
+def files_holding(root, secret: str) -> list:
+    """Every file under `root` whose bytes hold `secret`, a zip's members (a saved model) read
+    unpacked, git's objects included."""
+    import zipfile
+    import zlib
+
+    found = []
+    for path in root.rglob("*"):
+        if not path.is_file():
+            continue
+        blobs = [path.read_bytes()]
+        if zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as z:
+                blobs += [z.read(m) for m in z.namelist()]
+        elif ".git" in path.parts and "objects" in path.parts:
+            with contextlib.suppress(zlib.error):
+                blobs.append(zlib.decompress(blobs[0]))
+        if any(secret.encode() in b for b in blobs):
+            found.append(path)
+    return found
+
+
+def server_records(client) -> str:
+    """What a tracking server holds about every run of every experiment, deleted ones too:
+    names, params, tags, metric names, dataset sources, as one text."""
+    from mlflow.entities import ViewType
+
+    exps = client.search_experiments(view_type=ViewType.ALL)
+    runs = client.search_runs([e.experiment_id for e in exps], run_view_type=ViewType.ALL)
+    return json.dumps([
+        [r.info.run_name, r.data.params, r.data.tags, sorted(r.data.metrics),
+         [d.dataset.source for d in r.inputs.dataset_inputs]] for r in runs
+    ] + [[e.name, e.tags] for e in exps])  # fmt: skip
+
+
 def test_credentials_reach_a_server_behind_a_login_and_are_never_shown(tmp_path):
+    """Credentials given each way reach the server behind a login, for a single run (dvc repro)
+    and a sweep; in a Hydra override they are refused before anything is written. Then the
+    password is searched for in everything written: server, project, output."""
     from mlflow.tracking import MlflowClient
 
     secret = "s3cr3t-pa55"
     port = free_port()
     server = start_mlflow_server(port, tmp_path)
+    out = ""
+
+    def run(args, env, check=True):
+        nonlocal out
+        proc = run_cmd(args, project, env=env, check=check)
+        out += proc.stdout + proc.stderr
+        return proc
+
     try:
         with basic_auth_proxy(port, "alice", secret) as front:
             direct = MlflowClient(f"http://127.0.0.1:{port}")
             project = make_project(tmp_path / "proj", *tiny_overrides())
-            # 1. User info in the URI: the check and every MLflow call carry it; nothing shows it.
-            with_userinfo = f"http://alice:{secret}@127.0.0.1:{front}"
-            repro = run_cmd(["dvc", "repro"], project, env=env_with_venv(MLFLOW_TRACKING_URI=with_userinfo))
-            summary = run_cmd([sys.executable, "-m", "softmaxlab.tracking.where"], project,
-                              env=env_with_venv(MLFLOW_TRACKING_URI=with_userinfo))  # fmt: skip
-            out = repro.stdout + repro.stderr + summary.stdout + summary.stderr
-            assert "unreachable" not in out, out
+            bare, with_userinfo = f"http://127.0.0.1:{front}", f"http://alice:{secret}@127.0.0.1:{front}"
+            ways = {
+                "environment": env_with_venv(MLFLOW_TRACKING_URI=bare, MLFLOW_TRACKING_USERNAME="alice",
+                                             MLFLOW_TRACKING_PASSWORD=secret),
+                "URI user info": env_with_venv(MLFLOW_TRACKING_URI=with_userinfo),
+            }  # fmt: skip
+            for n, (way, env) in enumerate(ways.items()):
+                # A single run (the DVC pipeline) and a sweep: every MLflow call carries them.
+                repro = run(["dvc", "repro", "--force"], env)
+                sweep = run([sys.executable, "-m", "softmaxlab", "-m", "seed=0,1", *tiny_overrides(),
+                             f"hydra.sweep.dir=sweep{n}"], env)  # fmt: skip
+                assert "unreachable" not in repro.stderr + sweep.stderr, (way, repro.stderr + sweep.stderr)
+                runs = direct.search_runs([direct.get_experiment_by_name("softmaxlab").experiment_id])
+                assert len(runs) == 4 * (n + 1), way  # the pipeline's run, the parent, 2 jobs
+                assert all(
+                    r.info.status == "FINISHED" and "tracking.fallback_from" not in r.data.tags for r in runs
+                )
+            summary = run([sys.executable, "-m", "softmaxlab.tracking.where"], ways["URI user info"])
             assert f"MLflow store: http://***@127.0.0.1:{front}" in summary.stdout
-            (run,) = direct.search_runs([direct.get_experiment_by_name("softmaxlab").experiment_id])
-            assert run.info.status == "FINISHED" and "tracking.fallback_from" not in run.data.tags
-            assert {"figures", "report.html"} <= {a.path for a in direct.list_artifacts(run.info.run_id)}
-            # 2. MLflow's own variables, with the URI bare.
-            env = env_with_venv(MLFLOW_TRACKING_URI=f"http://127.0.0.1:{front}", MLFLOW_TRACKING_USERNAME="alice",
-                                MLFLOW_TRACKING_PASSWORD=secret)  # fmt: skip
-            by_env = run_cmd([sys.executable, "-m", "softmaxlab.tracking.where"], project, env=env)
-            assert "unreachable" not in by_env.stderr and "MLflow store: http://127.0.0.1:" in by_env.stdout
-            # 3. A wrong password is refused by the server: the run falls back, said redacted.
-            wrong = f"http://alice:wrong-{secret}@127.0.0.1:{front}"
-            bad = run_cmd(
-                [sys.executable, "-m", "softmaxlab.tracking.where"],
-                project,
-                env=env_with_venv(MLFLOW_TRACKING_URI=wrong),
-            )
-            assert f"MLflow server http://***@127.0.0.1:{front} unreachable (HTTP 401)" in bad.stderr
-            out += by_env.stdout + by_env.stderr + bad.stdout + bad.stderr
-            # 4. The two messages that name the store: a deleted experiment, a sweep with no runs.
+            run_id = json.loads((project / "reports/train.json").read_text())["run_id"]
+            assert {"figures", "report.html"} <= {a.path for a in direct.list_artifacts(run_id)}
+            # In a Hydra override the password would be recorded (outputs' .hydra/, the run's
+            # param, overrides tag and name, the sweep's sweep_overrides): refused, one line,
+            # before anything is written.
+            before = sorted(p for p in project.rglob("*") if ".git" not in p.parts)
+            for sweep_args in ([], ["-m", "seed=0,1"]):
+                refused = run([sys.executable, "-m", "softmaxlab", *sweep_args, f"tracking.uri={with_userinfo}",
+                               *tiny_overrides()], env_with_venv(), check=False)  # fmt: skip
+                assert refused.returncode == 2 and refused.stdout == "", refused.stderr
+                assert refused.stderr.splitlines() == [
+                    f"softmaxlab: error: tracking.uri=http://***@127.0.0.1:{front} holds a password, which the "
+                    "run's config and records would keep in clear: give the URI without it and set "
+                    "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD (or MLFLOW_TRACKING_TOKEN)"
+                ]
+            assert sorted(p for p in project.rglob("*") if ".git" not in p.parts) == before
+            assert len(direct.search_runs([direct.get_experiment_by_name("softmaxlab").experiment_id])) == 8
+            # The two messages that name the store: a deleted experiment, a sweep with no runs.
             direct.delete_experiment(direct.create_experiment("gone"))
-            deleted = run_cmd([sys.executable, "-m", "softmaxlab", "tracking.experiment=gone", "hydra.run.dir=out"],
-                              project, env=env_with_venv(MLFLOW_TRACKING_URI=with_userinfo), check=False)  # fmt: skip
+            deleted = run([sys.executable, "-m", "softmaxlab", "tracking.experiment=gone", "hydra.run.dir=out"],
+                          ways["URI user info"], check=False)  # fmt: skip
             assert deleted.returncode == 2 and f"is deleted in http://***@127.0.0.1:{front}" in deleted.stderr
-            empty = run_cmd([sys.executable, "-m", "softmaxlab", "summarize", "no-such-sweep"], project,
-                            env=env_with_venv(MLFLOW_TRACKING_URI=with_userinfo), check=False)  # fmt: skip
+            empty = run([sys.executable, "-m", "softmaxlab", "summarize", "no-such-sweep"], ways["URI user info"],
+                        check=False)  # fmt: skip
             assert empty.returncode == 2 and f"of http://***@127.0.0.1:{front}" in empty.stderr, empty.stderr
-            out += deleted.stdout + deleted.stderr + empty.stdout + empty.stderr
+        # Nowhere: the output, the server's runs (names, params, tags, datasets), and any file
+        # written: the server's database and artifacts, the project (outputs/, sweep dirs,
+        # Hydra's logs and .hydra/, reports/, DVC's files, git), the local store if any.
         assert secret not in out
-        # Nothing written in the project holds it: outputs, train.json, the local store.
-        for path in project.rglob("*"):
-            if path.is_file() and ".git" not in path.parts:
-                assert secret.encode() not in path.read_bytes(), path
-        assert secret not in json.dumps(run.data.tags) + json.dumps(run.data.params)
+        assert secret not in server_records(direct)  # the user name is in mlflow.user: an identity
+        assert files_holding(tmp_path, secret) == []
+        assert (tmp_path / "server-artifacts").is_dir() and (project / "sweep1" / "multirun.yaml").is_file()
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+def test_a_refused_login_stops_the_run_instead_of_falling_back(tmp_path):
+    """A login in front of the server (an authenticating proxy) answers /health itself with
+    401: a wrong or missing password is one line and exit 2, not an outage to fall back from.
+    The check speaks TLS as MLflow does (MLFLOW_TRACKING_SERVER_CERT_PATH)."""
+    from mlflow.tracking import MlflowClient
+
+    secret = "right-pa55"
+    port = free_port()
+    server = start_mlflow_server(port, tmp_path)
+    cert = self_signed_cert(tmp_path)
+    try:
+        with (
+            basic_auth_proxy(port, "alice", secret) as front,
+            basic_auth_proxy(port, "alice", secret, cert) as tls,
+        ):
+            direct = MlflowClient(f"http://127.0.0.1:{port}")
+            project = make_project(tmp_path / "proj", *tiny_overrides())
+            bare = f"http://127.0.0.1:{front}"
+
+            def app(*args, **env):
+                return run_cmd([sys.executable, "-m", "softmaxlab", *args, *tiny_overrides(), "hydra.run.dir=out",
+                                "hydra.sweep.dir=sweep"], project, env=env_with_venv(**env), check=False)  # fmt: skip
+
+            wrong = {
+                "MLFLOW_TRACKING_URI": bare,
+                "MLFLOW_TRACKING_USERNAME": "alice",
+                "MLFLOW_TRACKING_PASSWORD": "nope",
+            }
+            for args, env, line in [
+                ((), wrong, f"MLflow server {bare} refused MLFLOW_TRACKING_USERNAME=alice with its password "
+                            "(HTTP 401): check MLFLOW_TRACKING_PASSWORD"),
+                (("-m", "seed=0,1"), wrong, f"MLflow server {bare} refused MLFLOW_TRACKING_USERNAME=alice with "
+                                            "its password (HTTP 401): check MLFLOW_TRACKING_PASSWORD"),
+                ((), {"MLFLOW_TRACKING_URI": f"http://alice:nope@127.0.0.1:{front}"},
+                 f"MLflow server http://***@127.0.0.1:{front} refused MLFLOW_TRACKING_USERNAME=alice with its "
+                 "password (HTTP 401): check MLFLOW_TRACKING_PASSWORD"),
+                ((), {"MLFLOW_TRACKING_URI": bare}, f"MLflow server {bare} wants a login (HTTP 401): set "
+                 "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD (a team user's, from `softmaxlab team add-user`)"),
+            ]:  # fmt: skip
+                proc = app(*args, **env)
+                assert proc.returncode == 2, proc.stderr
+                assert proc.stderr.splitlines() == [f"softmaxlab: error: {line}"], proc.stderr
+                assert "unreachable" not in proc.stderr and "nope" not in proc.stderr
+            # No run fell back to a local store; none reached the server.
+            assert not (project / "mlflow.db").exists()
+            assert direct.search_experiments(filter_string="name = 'softmaxlab'") == []
+            # The same through DVC: the train stage stops; nothing is logged anywhere.
+            repro = run_cmd(["dvc", "repro"], project, env=env_with_venv(**wrong), check=False)
+            assert repro.returncode != 0 and "refused MLFLOW_TRACKING_USERNAME=alice" in repro.stderr
+            assert "unreachable" not in repro.stderr and not (project / "mlflow.db").exists()
+
+            # TLS: an unknown CA is a setting to fix, said in one line; with the CA given the
+            # way MLflow takes it, the check and every MLflow call get through.
+            https = {"MLFLOW_TRACKING_URI": f"https://127.0.0.1:{tls}", "MLFLOW_TRACKING_USERNAME": "alice",
+                     "MLFLOW_TRACKING_PASSWORD": secret}  # fmt: skip
+            where = [sys.executable, "-m", "softmaxlab.tracking.where"]
+            untrusted = run_cmd(where, project, env=env_with_venv(**https), check=False)
+            assert untrusted.returncode == 2 and len(untrusted.stderr.splitlines()) == 1, untrusted.stderr
+            assert "TLS failed (certificate verify failed" in untrusted.stderr
+            assert "MLFLOW_TRACKING_SERVER_CERT_PATH" in untrusted.stderr
+            trusted = run_cmd(
+                where, project, env=env_with_venv(**https, MLFLOW_TRACKING_SERVER_CERT_PATH=cert[0])
+            )
+            assert (
+                f"MLflow store: https://127.0.0.1:{tls}" in trusted.stdout
+                and "unreachable" not in trusted.stderr
+            )
+
+            # The right password: the run is logged on the server.
+            ok = app(
+                MLFLOW_TRACKING_URI=bare, MLFLOW_TRACKING_USERNAME="alice", MLFLOW_TRACKING_PASSWORD=secret
+            )
+            assert ok.returncode == 0, ok.stderr
+            (logged,) = direct.search_runs([direct.get_experiment_by_name("softmaxlab").experiment_id])
+            assert logged.info.status == "FINISHED" and "test/accuracy" in logged.data.metrics
+            assert not (project / "mlflow.db").exists()
     finally:
         server.terminate()
         server.wait(timeout=30)

@@ -152,12 +152,25 @@ def job(dcfg) -> float:
     return float(value)
 
 
+def refuse_passwords(args: list[str]) -> None:
+    """Stop, before Hydra writes anything, on an override whose value holds a password
+    (`tracking.uri=http://user:pw@host`): Hydra keeps the overrides in each output directory,
+    and they become the run's name, its `overrides` tag and the sweep's `sweep_overrides`."""
+    from softmaxlab.tracking.server import password_refusal
+
+    for arg in args:
+        key, is_override, value = arg.partition("=")
+        if is_override and not key.startswith("-") and (refused := password_refusal(key, value)):
+            fail(str(refused))
+
+
 def hydra_main() -> None:
     import hydra
 
     from softmaxlab.core.config import register_configs
     from softmaxlab.sweeps.parent import close_parent, failed_jobs
 
+    refuse_passwords(sys.argv[1:])
     register_configs()
     app = hydra.main(version_base=None, config_path=config_dir(), config_name="config")(job)
     real_stderr = sys.stderr

@@ -1,5 +1,6 @@
-"""One HTTP probe for every "is it up" question: the tracking server's /health, the team's
-servers while they start, the UI before its link is printed."""
+"""One HTTP probe for "is it up" questions about servers the project starts on 127.0.0.1: the
+team's servers while they start, the UI before its link is printed. (A tracking server the user
+configured is asked through MLflow's own client instead: tracking.server.reachable.)"""
 
 from __future__ import annotations
 
@@ -7,12 +8,11 @@ import urllib.error
 import urllib.request
 
 
-def http_status(url: str, timeout: float, headers: dict[str, str] | None = None) -> int | str:
+def http_status(url: str, timeout: float) -> int | str:
     """The HTTP status a GET of `url` gets (an error status included: a server that says 401 or
     403 is up), or, when nothing answers (refused, reset, DNS, timeout), why, as text."""
-    request = urllib.request.Request(url, headers=headers or {})
     try:
-        with urllib.request.urlopen(request, timeout=timeout) as response:
+        with urllib.request.urlopen(url, timeout=timeout) as response:
             return response.status
     except urllib.error.HTTPError as err:
         return err.code

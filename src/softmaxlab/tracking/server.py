@@ -4,10 +4,11 @@ and its errors read as what they mean (unreachable, credentials refused, a store
 from __future__ import annotations
 
 import os
+import re
 
-from softmaxlab.core.errors import UserError
+from softmaxlab.core.errors import UserError, first_line
 
-# How long a remote tracking server may take to answer before we fall back (see tracker.connect).
+# How long a remote tracking server may take to answer /health before we fall back (tracker.connect).
 REACHABLE_TIMEOUT_S = 5.0
 
 
@@ -36,26 +37,29 @@ def is_remote(uri: str) -> bool:
     return uri.startswith(("http://", "https://"))
 
 
-def _health_probe(uri: str) -> tuple[str, dict[str, str]]:
-    """<uri>/health and the Authorization header MLflow itself would send: user info in the
-    URI, else MLFLOW_TRACKING_USERNAME/PASSWORD, else MLFLOW_TRACKING_TOKEN. urllib refuses a
-    URL with user info, so it goes in the header instead."""
-    import base64
-    from urllib.parse import unquote, urlsplit, urlunsplit
+# A password in a URI's user info (scheme://user:password@host), anywhere in a text: a command
+# line's overrides, a configured URI. A user name alone is an identity, not a secret.
+_PASSWORD_IN_URI = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*://)[^/?#@\s:]*:[^/?#@\s]*@")
+# Where each configured value takes its secret from instead (the hint of the refusal).
+_CREDENTIALS_FROM = {
+    "tracking.uri": "set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD (or MLFLOW_TRACKING_TOKEN)",
+    "hydra.sweeper.storage": "set SOFTMAXLAB_OPTUNA_STORAGE, which conf/sweep/optuna.yaml reads",
+}
 
-    parts = urlsplit(uri)
-    user, password = os.environ.get("MLFLOW_TRACKING_USERNAME"), os.environ.get("MLFLOW_TRACKING_PASSWORD")
-    if parts.username is not None:
-        user, password = unquote(parts.username), unquote(parts.password or "")
-    netloc = parts.hostname + (f":{parts.port}" if parts.port else "") if parts.hostname else parts.netloc
-    url = urlunsplit(parts._replace(netloc=netloc)).rstrip("/") + "/health"
-    headers = {}
-    if user:
-        basic = base64.b64encode(f"{user}:{password or ''}".encode()).decode("ascii")
-        headers["Authorization"] = f"Basic {basic}"
-    elif os.environ.get("MLFLOW_TRACKING_TOKEN"):
-        headers["Authorization"] = f"Bearer {os.environ['MLFLOW_TRACKING_TOKEN']}"
-    return url, headers
+
+def password_refusal(key: str, value: str) -> UserError | None:
+    """A password inside a configured value (a Hydra override, params.yaml, conf/): refused,
+    since Hydra and DVC record the config and the command line (outputs' .hydra/, the run's
+    params, its `overrides` tag and name, the sweep's `sweep_overrides`), which would keep it in
+    clear. None when `value` holds none. The secret's place is the environment."""
+    if not _PASSWORD_IN_URI.search(value):
+        return None
+    shown = _PASSWORD_IN_URI.sub(r"\1***@", value)
+    where = _CREDENTIALS_FROM.get(key.lstrip("+~"), "pass the secret in the environment")
+    return UserError(
+        f"{key}={shown} holds a password, which the run's config and records would keep in clear: "
+        f"give the URI without it and {where}"
+    )
 
 
 # Servers found unreachable in this process, with why: a sweep's jobs do not each wait on a
@@ -66,22 +70,59 @@ _down: dict[str, str] = {}
 
 def reachable(uri: str, fresh: bool = False) -> str | None:
     """None if an http(s) tracking server answers /health in time, else why not. A server
-    found down stays down for this process unless `fresh` (sync: the point is that it's back)."""
-    from softmaxlab.core.probe import http_status
+    found down stays down for this process unless `fresh` (sync: the point is that it's back).
 
+    A refused login is no outage: a login in front of the server (an authenticating proxy)
+    answers /health itself with 401 or 403, and falling back would keep the runs from the
+    team for good. That, and a TLS failure, raise the one-line UserError instead."""
     if uri in _down and not fresh:
         return _down[uri]
-    url, headers = _health_probe(uri)
-    status = http_status(url, REACHABLE_TIMEOUT_S, headers)
-    # A string: nothing answered, and why; a number: the server's HTTP status.
-    why = (
-        redact_text(status, uri) if isinstance(status, str) else (None if status == 200 else f"HTTP {status}")
-    )
+    why = _health(uri)
     if why:
         _down[uri] = why
     else:
         _down.pop(uri, None)
     return why
+
+
+def _health(uri: str) -> str | None:
+    """GET <uri>/health as MLflow's client would send it: MLflow's request helper with the
+    credentials (URI user info, MLFLOW_TRACKING_USERNAME/PASSWORD or TOKEN, ~/.mlflow/credentials)
+    and TLS settings (MLFLOW_TRACKING_INSECURE_TLS, MLFLOW_TRACKING_SERVER_CERT_PATH,
+    MLFLOW_TRACKING_CLIENT_CERT_PATH) MLflow resolves. One try, with its own short timeout:
+    MLflow's retries would wait minutes on a server that never answers."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.utils.credentials import get_default_host_creds
+    from mlflow.utils.rest_utils import http_request
+    from requests.exceptions import SSLError, Timeout
+
+    try:
+        response = http_request(
+            get_default_host_creds(uri), "/health", "GET", max_retries=0, backoff_factor=0,
+            timeout=REACHABLE_TIMEOUT_S, raise_on_status=False,
+        )  # fmt: skip
+    except MlflowException as err:
+        cause = err.__cause__ or err.__context__ or err  # MLflow wraps the requests error
+        if isinstance(cause, SSLError):
+            raise _tls_error(cause, uri) from None
+        if isinstance(cause, Timeout):
+            return f"no answer within {REACHABLE_TIMEOUT_S:g} s"
+        errno = re.search(r"\[Errno -?\d+\] [^'\")]+", str(cause))  # refused, DNS, unreachable
+        return errno.group(0) if errno else redact_text(first_line(cause), uri)
+    if response.status_code in (401, 403):
+        raise login_refused(response.status_code, uri)
+    return None if response.status_code == 200 else f"HTTP {response.status_code}"
+
+
+def _tls_error(err: BaseException, uri: str) -> UserError:
+    """A TLS handshake that failed (an unknown CA, a wrong host name, a client certificate
+    wanted): a setting to fix, not an outage to wait out."""
+    detail = re.search(r"certificate verify failed[^'\"()]*", str(err))
+    why = detail.group(0).strip() if detail else redact_text(first_line(err), uri)
+    return UserError(
+        f"MLflow server {redact(uri)}: TLS failed ({why}): set MLFLOW_TRACKING_SERVER_CERT_PATH to the CA "
+        "bundle that signed its certificate (MLFLOW_TRACKING_CLIENT_CERT_PATH if it asks for yours)"
+    )
 
 
 def is_tracking_error(err: BaseException) -> bool:
@@ -95,8 +136,6 @@ def is_tracking_error(err: BaseException) -> bool:
 def refusal(err: BaseException) -> int | None:
     """401 or 403 when `err` is an MLflow server's refusal of the credentials (the status MLflow
     mapped, or the one its message quotes from the HTTP answer), else None."""
-    import re
-
     from mlflow.exceptions import MlflowException
 
     if not isinstance(err, MlflowException):
@@ -111,11 +150,15 @@ def refusal(err: BaseException) -> int | None:
 def credentials_error(err: BaseException, uri: str, experiment: str) -> UserError | None:
     """A tracking server's refusal (HTTP 401 or 403) as one line naming what to set, or None
     for any other error. Never shows the password."""
+    code = refusal(err)
+    return None if code is None else login_refused(code, uri, experiment)
+
+
+def login_refused(code: int, uri: str, experiment: str | None = None) -> UserError:
+    """HTTP 401 or 403 from the server at `uri` in one line naming what to set: for a request
+    in `experiment`, or (None) at the door, before any experiment (a login in front of it)."""
     from urllib.parse import unquote, urlsplit
 
-    code = refusal(err)
-    if code is None:
-        return None
     user = os.environ.get("MLFLOW_TRACKING_USERNAME") or unquote(urlsplit(uri).username or "")
     server = f"MLflow server {redact(uri)}"
     if code == 401 and not user:
@@ -128,6 +171,11 @@ def credentials_error(err: BaseException, uri: str, experiment: str) -> UserErro
             f"{server} refused MLFLOW_TRACKING_USERNAME={user} with its password (HTTP 401): "
             "check MLFLOW_TRACKING_PASSWORD"
         )
+    if experiment is None:
+        return UserError(
+            f"{server} refused user {user or '(none)'} (HTTP 403): check MLFLOW_TRACKING_USERNAME and "
+            "MLFLOW_TRACKING_PASSWORD, or ask the server's admin for access"
+        )
     return UserError(
         f"{server}: user {user or '(none)'} may not write to experiment {experiment!r} (HTTP 403): "
         f"its owner or an admin grants it (`softmaxlab team grant {user or 'USER'} {experiment} EDIT`), "
@@ -137,8 +185,6 @@ def credentials_error(err: BaseException, uri: str, experiment: str) -> UserErro
 
 def unusable_store(err: BaseException, uri: str) -> UserError:
     """A store that failed on first use (a damaged store, a server error), in one line."""
-    from softmaxlab.core.errors import first_line
-
     return UserError(
         f"MLflow tracking store {redact(uri)} is not usable: {redact_text(first_line(err), uri)}"
     )

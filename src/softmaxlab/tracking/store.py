@@ -11,7 +11,7 @@ from pathlib import Path
 
 from softmaxlab.core.config import Config, project_root
 from softmaxlab.core.errors import UserError
-from softmaxlab.tracking.server import redact
+from softmaxlab.tracking.server import password_refusal, redact
 
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
 
@@ -38,7 +38,13 @@ def local_uri() -> str:
 def resolve_uri(cfg: Config) -> str:
     """cfg.tracking.uri, else $MLFLOW_TRACKING_URI, else MLflow's own default store,
     sqlite:///mlflow.db (local_uri), anchored at the project root so that runs started from
-    Hydra's output directories or DVC's experiment copies land in one store."""
+    Hydra's output directories or DVC's experiment copies land in one store.
+
+    A password in tracking.uri (params.yaml, conf/, `dvc exp run -S`) is refused: it would be
+    recorded as the run's param. In MLFLOW_TRACKING_URI, which nothing records, it is allowed
+    and shown redacted everywhere (server.redact)."""
+    if refused := password_refusal("tracking.uri", cfg.tracking.uri):
+        raise refused
     uri = cfg.tracking.uri or os.environ.get("MLFLOW_TRACKING_URI", "")
     if not uri:
         return local_uri()

@@ -326,7 +326,7 @@ def _record_failure(cfg: Config, stage: str, err: BaseException) -> None:
     tracker, run_id = reopen(cfg, read_json(info_path))
     if tracker is None or PENDING_TAG not in tracker.client.get_run(run_id).data.tags:
         return
-    message = f"{stage}: {str(err).strip() or type(err).__name__}"
+    message = redact_text(f"{stage}: {str(err).strip() or type(err).__name__}", tracker.uri)
     tracker.set_tags(
         run_id, {ERROR_TAG: message[:5000], FAILED_STAGE_TAG: stage, NOTE_TAG: f"Failed in {message}"}
     )
