@@ -144,7 +144,9 @@ def local_ray(tracking_uri: str | None) -> dict:
     # this) has stopped the cluster.
     atexit.register(token.unlink, missing_ok=True)
     os.environ.pop("RAY_AUTH_TOKEN", None)
-    os.environ.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(token), RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0")
+    os.environ.update(
+        RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(token), RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0"
+    )
     parts = urlsplit(tracking_uri or "")
     if parts.password and "MLFLOW_TRACKING_USERNAME" not in os.environ:
         os.environ["MLFLOW_TRACKING_USERNAME"] = unquote(parts.username or "")
