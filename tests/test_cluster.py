@@ -15,6 +15,7 @@ import re
 import shutil
 import signal
 import subprocess
+import tempfile
 import time
 from pathlib import Path
 
@@ -468,15 +469,25 @@ finally:
 """
 
 
+@pytest.fixture
+def short_tmp():
+    """A folder with a short path, for Ray's temp folders: its sockets' paths must fit in 107 bytes."""
+    path = Path(tempfile.mkdtemp(prefix="rt", dir="/tmp"))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
 @pytest.mark.parametrize("ray", ["the sweep's own Ray", "a Ray cluster"])
-def test_a_ray_sweep_logs_to_a_server_behind_a_login_and_ray_never_gets_the_password(ray, tmp_path):
+def test_a_ray_sweep_logs_to_a_server_behind_a_login_and_ray_never_gets_the_password(
+    ray, tmp_path, short_tmp
+):
     from mlflow.tracking import MlflowClient
 
     needs_root_for_namespaces()
     secret = "s3cr3t-pa55"
     project = make_project(tmp_path / "proj")
     out = tmp_path / "out"
-    ray_tmp, ray_local = tmp_path / "raytmp", tmp_path / "raylocal"
+    ray_tmp, ray_local = short_tmp / "t", short_tmp / "l"
     for d in (out, ray_tmp, ray_local):
         d.mkdir()
     driver = tmp_path / "driver.py"
@@ -530,16 +541,15 @@ def descendants(pid: int) -> list[int]:
     return found
 
 
-def test_the_ray_a_sweep_starts_refuses_clients_without_its_token_and_listens_on_loopback(tmp_path):
+def test_the_ray_a_sweep_starts_refuses_clients_without_its_token_and_listens_on_loopback(
+    tmp_path, short_tmp
+):
     needs_root_for_namespaces()
     project = make_project(tmp_path / "proj")
     tiny = [o for o in tiny_overrides() if not o.startswith("train.epochs")]
     # RAY_AUTH_MODE=disabled, as a user may have it for another cluster: the sweep's Ray has a token anyway.
-    env = env_with_venv(
-        RAY_AUTH_MODE="disabled", RAY_TMPDIR=str(tmp_path / "raytmp"), RAY_USAGE_STATS_ENABLED="0"
-    )
+    env = env_with_venv(RAY_AUTH_MODE="disabled", RAY_TMPDIR=str(short_tmp), RAY_USAGE_STATS_ENABLED="0")
     env.pop("RAY_ADDRESS", None)
-    (tmp_path / "raytmp").mkdir()
     # A job that trains long enough to try the cluster while it runs.
     sweep = subprocess.Popen(
         [str(ROOT / "tools" / "ray_local.sh"), "--no-cluster", "--", "python", "-m", "softmaxlab", "-m",
@@ -554,28 +564,23 @@ def test_the_ray_a_sweep_starts_refuses_clients_without_its_token_and_listens_on
                     if b"gcs_server" in Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0]:
                         gcs = pid
             time.sleep(0.5)
-        assert gcs is not None, sweep.poll()
-        args = Path(f"/proc/{gcs}/cmdline").read_bytes().decode().split("\0")
-        port = next(a.split("=", 1)[1] for a in args if a.startswith("--gcs_server_port="))
-        assert "--node_ip_address=127.0.0.1" in args or "--node-ip-address=127.0.0.1" in args, args
-        environ = dict(
-            line.split("=", 1) for line in Path(f"/proc/{gcs}/environ").read_text().split("\0") if "=" in line
+        assert gcs is not None, (
+            sweep.communicate(timeout=60)[0] if sweep.poll() is not None else "no Ray started"
         )
-        # Its token: a file of its own, 0600 in a 0700 folder, not the ~/.ray/auth_token other clusters share.
-        assert environ["RAY_AUTH_MODE"] == "token"
-        token = Path(environ["RAY_AUTH_TOKEN_PATH"])
-        assert token.stat().st_mode & 0o777 == 0o600 and token.parent.stat().st_mode & 0o777 == 0o700
-        assert Path.home() / ".ray" not in token.parents
+        args = Path(f"/proc/{gcs}/cmdline").read_bytes().decode().split("\0")
+        assert "--node_ip_address=127.0.0.1" in args or "--node-ip-address=127.0.0.1" in args, args
         enter = ["nsenter", f"--target={gcs}", "--net", "--pid", "--mount", "--"]
+        # Its port (Ray picks a free one) once it listens: the namespace's sockets, with their processes.
+        port = None
+        while port is None and time.time() < deadline:
+            listening = run_cmd(enter + ["ss", "-ltnpH"], tmp_path, env=env_with_venv()).stdout.splitlines()
+            port = next(
+                (line.split()[3].rsplit(":", 1)[1] for line in listening if '"gcs_server"' in line), None
+            )
+            time.sleep(0.5)
+        assert port is not None
         probe = ["python", "-c", f"import ray; ray.init(address='127.0.0.1:{port}'); print('joined')"]
-        wait_for_port = ["python", "-c", (
-            "import socket, time\n"
-            f"for _ in range(600):\n"
-            f"    try: socket.create_connection(('127.0.0.1', {port}), timeout=1).close(); break\n"
-            f"    except OSError: time.sleep(0.2)\n"
-        )]  # fmt: skip
-        run_cmd(enter + wait_for_port, tmp_path, env=env_with_venv())
-        # A client without the token, and one with another: both refused. With it: joined.
+        # A client without a token, and one with another token: both refused.
         refused = run_cmd(
             enter + probe, tmp_path, env=env_with_venv(RAY_AUTH_MODE="disabled"), check=False, timeout=180
         )
@@ -585,13 +590,22 @@ def test_the_ray_a_sweep_starts_refuses_clients_without_its_token_and_listens_on
         other = run_cmd(enter + probe, tmp_path, check=False, timeout=180,
                         env=env_with_venv(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(wrong)))  # fmt: skip
         assert other.returncode != 0 and "InvalidAuthToken" in other.stderr, other.stderr
+        # Its token: a file of its own, 0600 in a 0700 folder, not the ~/.ray/auth_token other clusters
+        # share; with it, a client joins.
+        environ = dict(
+            line.split("=", 1) for line in Path(f"/proc/{gcs}/environ").read_text().split("\0") if "=" in line
+        )
+        assert environ["RAY_AUTH_MODE"] == "token"
+        token = Path(environ["RAY_AUTH_TOKEN_PATH"])
+        assert token.stat().st_mode & 0o777 == 0o600 and token.parent.stat().st_mode & 0o777 == 0o700
+        assert Path.home() / ".ray" not in token.parents
         joined = run_cmd(enter + probe, tmp_path, timeout=180,
                          env=env_with_venv(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(token)))  # fmt: skip
         assert "joined" in joined.stdout
-        # Every socket it listens on is on loopback (in this namespace there is nothing else).
-        listening = run_cmd(enter + ["ss", "-ltnH"], tmp_path, env=env_with_venv()).stdout.split("\n")
+        # Every socket in the namespace listens on loopback (where there is nothing else, as here).
+        listening = run_cmd(enter + ["ss", "-ltnH"], tmp_path, env=env_with_venv()).stdout.splitlines()
         local = [line.split()[3] for line in listening if line.strip()]
-        assert local and all(a.startswith("127.0.0.1:") for a in local), local
+        assert local and all(a.startswith(("127.0.0.1:", "[::ffff:127.0.0.1]:")) for a in local), local
     finally:
         sweep.kill()  # unshare --kill-child: the namespace, the sweep and its Ray go with it
         sweep.communicate(timeout=60)

@@ -131,8 +131,9 @@ def local_ray(tracking_uri: str | None) -> dict:
     - Every server on 127.0.0.1: Ray replaces a loopback node address with the machine's
       primary one unless multi-node clusters are off, which they are on macOS and Windows;
       RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 turns them off here too (Ray reads it at import).
-    - Its files (the token, Ray's session logs) in a new private folder, not the shared
-      /tmp/ray, whose latest cluster any `ray.init()` on the machine would join.
+    - Its files (the token, Ray's session logs) in a new private folder (0700), not the
+      shared /tmp/ray, whose latest cluster any `ray.init()` on the machine would join. Ray
+      makes its own temp folder world-writable: that is a folder inside.
     - The tracking URI's credentials, if it has any, as MLflow's variables: the workers
       inherit them from the node, as on a cluster, since the runtime env carries none."""
     from softmaxlab.team.state import write_private
@@ -151,7 +152,7 @@ def local_ray(tracking_uri: str | None) -> dict:
     if parts.password and "MLFLOW_TRACKING_USERNAME" not in os.environ:
         os.environ["MLFLOW_TRACKING_USERNAME"] = unquote(parts.username or "")
         os.environ["MLFLOW_TRACKING_PASSWORD"] = unquote(parts.password)
-    return {"_temp_dir": str(folder)}
+    return {"_temp_dir": str(folder / "ray")}
 
 
 def _ray_error(err: BaseException) -> str:
