@@ -340,18 +340,30 @@ def test_the_slurm_preset_submits_what_a_cluster_user_sets():
 
 def test_a_sweep_on_a_one_node_slurm_cluster_runs_each_job_as_a_slurm_job(tmp_path):
     # tools/slurm_local.sh: slurmctld and slurmd on 127.0.0.1 in a PID namespace that ends
-    # with the command (Debian's slurm-wlm; .ci/run installs it).
-    if os.geteuid() != 0 or not shutil.which("slurmctld"):
+    # with the command, authenticated by a munged of their own (Debian's slurm-wlm and munge;
+    # .ci/run installs them).
+    if os.geteuid() != 0 or not shutil.which("slurmctld") or not shutil.which("munged"):
         if os.environ.get("CI") == "true":
-            pytest.fail("the SLURM test needs root and slurm-wlm (apt-get install slurm-wlm)")
-        pytest.skip("needs root and Debian's slurm-wlm")
+            pytest.fail("the SLURM test needs root, slurm-wlm and munge (apt-get install slurm-wlm munge)")
+        pytest.skip("needs root and Debian's slurm-wlm and munge")
     project = make_project(tmp_path / "proj")
+    # Before the sweep: what the running slurmctld says it authenticates with, and the key's mode.
+    said = tmp_path / "auth.txt"
+    check = (
+        f'scontrol show config | grep -E "^(AuthType|CredType) " > {said} && '
+        f'stat -c "key %a" "$(dirname "$SLURM_CONF")/munge/munge.key" >> {said} && exec "$@"'
+    )
     proc = run_cmd(
-        [str(ROOT / "tools" / "slurm_local.sh"), "--", "python", "-m", "softmaxlab", "-m", "launcher=slurm",
-         "optimizer=sgd", "model.activation=elu", "optimizer.lr=0.001,1000", *tiny_overrides(),
-         "hydra.sweep.dir=sweep"],
+        [str(ROOT / "tools" / "slurm_local.sh"), "--", "bash", "-c", check, "bash", "python", "-m", "softmaxlab",
+         "-m", "launcher=slurm", "optimizer=sgd", "model.activation=elu", "optimizer.lr=0.001,1000",
+         *tiny_overrides(), "hydra.sweep.dir=sweep"],
         project, check=False,
     )  # fmt: skip
+    auth = said.read_text().split()
+    assert (
+        auth[auth.index("AuthType") + 2] == "auth/munge" and auth[auth.index("CredType") + 2] == "cred/munge"
+    )
+    assert auth[-2:] == ["key", "400"]
     assert proc.returncode == 1, proc.stderr
     df = runs(project)
     assert "RUNNING" not in set(df["status"])
