@@ -519,6 +519,8 @@ def test_a_ray_sweep_logs_to_a_server_behind_a_login_and_ray_never_gets_the_pass
              *sweep], tmp_path, env=env, timeout=1200)  # fmt: skip
     result = json.loads((out / "result.json").read_text())
     assert result["rc"] == 0, result["stderr"]
+    # The token of the sweep's own Ray went with it; Ray's logs stay.
+    assert list(ray_tmp.rglob("auth_token")) == []
     # Ray wrote its logs (the runtime env agent logs every runtime env it creates): none holds it.
     assert result["files"] > 10 and result["found"] == [], result["found"]
     assert secret not in result["stdout"] + result["stderr"]
@@ -536,6 +538,22 @@ def test_a_ray_sweep_logs_to_a_server_behind_a_login_and_ray_never_gets_the_pass
     for path in project.rglob("*"):
         if path.is_file() and ".git" not in path.parts:
             assert secret.encode() not in path.read_bytes(), path
+
+
+def test_the_ray_a_sweep_starts_takes_loopback_for_its_address_whatever_the_machine_has(tmp_path):
+    # Ray's node address is what its servers listen on; Ray would take the machine's primary
+    # address (it resolves even a loopback one given to ray.init to that). No Ray is started
+    # here: this asks Ray, in a process set up as the sweep sets up its own Ray, which address
+    # it would use. (Outside a namespace: ray_local.sh's has only loopback, where Ray takes it anyway.)
+    ask = (
+        "import os\nfrom softmaxlab.sweeps.cluster import local_ray\nlocal_ray(None)\n"
+        "from ray._private.services import get_node_ip_address\nprint(get_node_ip_address())\n"
+    )
+    env = env_with_venv(RAY_TMPDIR=str(tmp_path))
+    assert run_cmd(["python", "-c", ask], tmp_path, env=env).stdout.split() == ["127.0.0.1"]
+    # Its folder: private, with the token gone once the process has ended.
+    (folder,) = tmp_path.glob("softmaxlab-ray-*")
+    assert folder.stat().st_mode & 0o777 == 0o700 and not (folder / "auth_token").exists()
 
 
 def descendants(pid: int) -> list[int]:
