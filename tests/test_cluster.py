@@ -8,11 +8,14 @@ kills every process in it."""
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import re
 import shutil
 import signal
 import subprocess
+import tempfile
 import time
 from pathlib import Path
 
@@ -337,18 +340,30 @@ def test_the_slurm_preset_submits_what_a_cluster_user_sets():
 
 def test_a_sweep_on_a_one_node_slurm_cluster_runs_each_job_as_a_slurm_job(tmp_path):
     # tools/slurm_local.sh: slurmctld and slurmd on 127.0.0.1 in a PID namespace that ends
-    # with the command (Debian's slurm-wlm; .ci/run installs it).
-    if os.geteuid() != 0 or not shutil.which("slurmctld"):
+    # with the command, authenticated by a munged of their own (Debian's slurm-wlm and munge;
+    # .ci/run installs them).
+    if os.geteuid() != 0 or not shutil.which("slurmctld") or not shutil.which("munged"):
         if os.environ.get("CI") == "true":
-            pytest.fail("the SLURM test needs root and slurm-wlm (apt-get install slurm-wlm)")
-        pytest.skip("needs root and Debian's slurm-wlm")
+            pytest.fail("the SLURM test needs root, slurm-wlm and munge (apt-get install slurm-wlm munge)")
+        pytest.skip("needs root and Debian's slurm-wlm and munge")
     project = make_project(tmp_path / "proj")
+    # Before the sweep: what the running slurmctld says it authenticates with, and the key's mode.
+    said = tmp_path / "auth.txt"
+    check = (
+        f'scontrol show config | grep -E "^(AuthType|CredType) " > {said} && '
+        f'stat -c "key %a" "$(dirname "$SLURM_CONF")/munge/munge.key" >> {said} && exec "$@"'
+    )
     proc = run_cmd(
-        [str(ROOT / "tools" / "slurm_local.sh"), "--", "python", "-m", "softmaxlab", "-m", "launcher=slurm",
-         "optimizer=sgd", "model.activation=elu", "optimizer.lr=0.001,1000", *tiny_overrides(),
-         "hydra.sweep.dir=sweep"],
+        [str(ROOT / "tools" / "slurm_local.sh"), "--", "bash", "-c", check, "bash", "python", "-m", "softmaxlab",
+         "-m", "launcher=slurm", "optimizer=sgd", "model.activation=elu", "optimizer.lr=0.001,1000",
+         *tiny_overrides(), "hydra.sweep.dir=sweep"],
         project, check=False,
     )  # fmt: skip
+    auth = said.read_text().split()
+    assert (
+        auth[auth.index("AuthType") + 2] == "auth/munge" and auth[auth.index("CredType") + 2] == "cred/munge"
+    )
+    assert auth[-2:] == ["key", "400"]
     assert proc.returncode == 1, proc.stderr
     df = runs(project)
     assert "RUNNING" not in set(df["status"])
@@ -384,3 +399,243 @@ def test_the_ray_preset_gives_every_job_its_resources_and_the_sweeps_environment
     }
     assert ray.init.runtime_env.worker_process_setup_hook == "softmaxlab.sweeps.cluster.ray_worker_setup"
     assert ray.init.object_store_memory is None  # the plugin's 1.2.2 default is refused by a running cluster
+
+
+def test_the_ray_runtime_env_carries_no_credential():
+    from hydra import compose, initialize_config_dir
+
+    from softmaxlab.core.config import register_configs
+    from softmaxlab.core.errors import UserError
+    from softmaxlab.sweeps.cluster import ray_settings
+
+    register_configs()
+    secret = "s3cr3t-pa55"
+    uri = f"http://alice:{secret}@127.0.0.1:5000"
+    env = {
+        "MLFLOW_TRACKING_URI": uri,
+        "SOFTMAXLAB_SWEEP_STORE": f"1 {uri}",
+        "SOFTMAXLAB_PARENT_RUN_ID": "abc",
+    }
+    with initialize_config_dir(str(ROOT / "conf"), version_base=None):
+        cfg = compose("config", ["launcher=ray"], return_hydra_config=True)
+        ray_settings(cfg, env, "cpu")
+        env_vars = dict(cfg.hydra.launcher.ray.init.runtime_env.env_vars)
+        assert secret not in str(env_vars) and "alice" not in str(env_vars)
+        # The jobs still get the store, without its user info: their node holds the credentials.
+        assert env_vars["MLFLOW_TRACKING_URI"] == "http://127.0.0.1:5000"
+        assert env_vars["SOFTMAXLAB_SWEEP_STORE"] == "1 http://127.0.0.1:5000"
+        # A credential the user puts in the runtime env is refused, in one line that does not show it.
+        for key, value in (("MLFLOW_TRACKING_PASSWORD", secret), ("MLFLOW_TRACKING_URI", uri)):
+            cfg = compose("config", ["launcher=ray", f"+hydra.launcher.ray.init.runtime_env.env_vars.{key}={value}"],
+                          return_hydra_config=True)  # fmt: skip
+            with pytest.raises(UserError) as refused:
+                ray_settings(cfg, {}, "cpu")
+            message = str(refused.value)
+            assert "\n" not in message and secret not in message
+            assert f"env_vars.{key} holds a credential" in message and "~/.mlflow/credentials" in message
+
+
+def test_an_unusable_optuna_storage_url_is_named_without_its_password():
+    from softmaxlab.core.errors import UserError
+    from softmaxlab.sweeps.cluster import prepare_optuna_storage
+
+    secret = "s3cr3t-pa55"
+    for url in (
+        f"postgresqlx://alice:{secret}@127.0.0.1/optuna",
+        f"postgresql://alice:{secret}@127.0.0.1:port/optuna",
+    ):
+        with pytest.raises(UserError) as refused:
+            prepare_optuna_storage(url)
+        message = str(refused.value)
+        assert secret not in message and "\n" not in message, message
+        assert message.startswith("hydra.sweeper.storage=postgresql") and "://***@127.0.0.1" in message, (
+            message
+        )
+
+
+# Run inside the namespace of tools/ray_local.sh: a tracking server behind a basic-auth login
+# (test_tracking_server's), a sweep against it with the credentials in its URI, then a search
+# of every file Ray wrote (its temp folders) for the password.
+LOGIN_DRIVER = """
+import json, os, pathlib, subprocess, sys
+sys.path.insert(0, {tests!r})
+from test_tracking_server import basic_auth_proxy, free_port, start_mlflow_server
+
+out, project, secret = pathlib.Path(sys.argv[1]), sys.argv[2], os.environ["LOGIN_SECRET"]
+port = free_port()
+server = start_mlflow_server(port, out)
+try:
+    with basic_auth_proxy(port, "alice", secret) as front:
+        env = {{**os.environ, "MLFLOW_TRACKING_URI": f"http://alice:{{secret}}@127.0.0.1:{{front}}"}}
+        del env["LOGIN_SECRET"]
+        proc = subprocess.run(sys.argv[3:], cwd=project, env=env, capture_output=True, text=True, timeout=900)
+    # Before the namespace ends: tools/ray_local.sh removes its cluster's folder then.
+    written = [p for d in (os.environ["RAY_TMPDIR"], os.environ["RAY_LOCAL_DIR"]) for p in pathlib.Path(d).rglob("*")]
+    found = [str(p) for p in written if p.is_file() and secret.encode() in p.read_bytes()]
+    result = {{"rc": proc.returncode, "stdout": proc.stdout, "stderr": proc.stderr, "files": len(written),
+               "found": found}}
+    (out / "result.json").write_text(json.dumps(result))
+finally:
+    server.terminate()
+    server.wait(timeout=60)
+"""
+
+
+@pytest.fixture
+def short_tmp():
+    """A folder with a short path, for Ray's temp folders: its sockets' paths must fit in 107 bytes."""
+    path = Path(tempfile.mkdtemp(prefix="rt", dir="/tmp"))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.mark.parametrize("ray", ["the sweep's own Ray", "a Ray cluster"])
+def test_a_ray_sweep_logs_to_a_server_behind_a_login_and_ray_never_gets_the_password(
+    ray, tmp_path, short_tmp
+):
+    from mlflow.tracking import MlflowClient
+
+    needs_root_for_namespaces()
+    secret = "s3cr3t-pa55"
+    project = make_project(tmp_path / "proj")
+    out = tmp_path / "out"
+    ray_tmp, ray_local = short_tmp / "t", short_tmp / "l"
+    for d in (out, ray_tmp, ray_local):
+        d.mkdir()
+    driver = tmp_path / "driver.py"
+    driver.write_text(LOGIN_DRIVER.format(tests=str(ROOT / "tests")))
+    env = env_with_venv(LOGIN_SECRET=secret, RAY_TMPDIR=str(ray_tmp), RAY_LOCAL_DIR=str(ray_local),
+                        RAY_USAGE_STATS_ENABLED="0")  # fmt: skip
+    env.pop("RAY_ADDRESS", None)
+    if ray == "a Ray cluster":
+        # The nodes hold the credentials in the environment they were started with.
+        env.update(MLFLOW_TRACKING_USERNAME="alice", MLFLOW_TRACKING_PASSWORD=secret)
+        where = ["--workers", "0"]
+    else:
+        where = ["--no-cluster"]
+    sweep = ["python", "-m", "softmaxlab", "-m", "launcher=ray", "seed=0,1", *tiny_overrides(),
+             "hydra.sweep.dir=sweep"]  # fmt: skip
+    run_cmd([str(ROOT / "tools" / "ray_local.sh"), *where, "--", "python", str(driver), str(out), str(project),
+             *sweep], tmp_path, env=env, timeout=1200)  # fmt: skip
+    result = json.loads((out / "result.json").read_text())
+    assert result["rc"] == 0, result["stderr"]
+    # The token of the sweep's own Ray went with it; Ray's logs stay.
+    assert list(ray_tmp.rglob("auth_token")) == []
+    # Ray wrote its logs (the runtime env agent logs every runtime env it creates): none holds it.
+    assert result["files"] > 10 and result["found"] == [], result["found"]
+    assert secret not in result["stdout"] + result["stderr"]
+    # Every job logged its run on the server, under the sweep's parent.
+    client = MlflowClient(f"sqlite:///{out / 'server.db'}")
+    found = client.search_runs([client.get_experiment_by_name("softmaxlab").experiment_id])
+    parents = [r for r in found if "sweep_overrides" in r.data.tags]
+    children = [r for r in found if "job_num" in r.data.tags]
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    assert sorted(r.data.tags["job_num"] for r in children) == ["0", "1"]
+    assert all(r.info.status == "FINISHED" for r in children)
+    assert all(r.data.tags["mlflow.parentRunId"] == parents[0].info.run_id for r in children)
+    for run in found:
+        assert secret not in json.dumps(run.data.params) + json.dumps(run.data.tags)
+    for path in project.rglob("*"):
+        if path.is_file() and ".git" not in path.parts:
+            assert secret.encode() not in path.read_bytes(), path
+
+
+def test_the_ray_a_sweep_starts_takes_loopback_for_its_address_whatever_the_machine_has(tmp_path):
+    # Ray's node address is what its servers listen on; Ray would take the machine's primary
+    # address (it resolves even a loopback one given to ray.init to that). No Ray is started
+    # here: this asks Ray, in a process set up as the sweep sets up its own Ray, which address
+    # it would use. (Outside a namespace: ray_local.sh's has only loopback, where Ray takes it anyway.)
+    ask = (
+        "import os\nfrom softmaxlab.sweeps.cluster import local_ray\nlocal_ray(None)\n"
+        "from ray._private.services import get_node_ip_address\nprint(get_node_ip_address())\n"
+    )
+    env = env_with_venv(RAY_TMPDIR=str(tmp_path))
+    assert run_cmd(["python", "-c", ask], tmp_path, env=env).stdout.split() == ["127.0.0.1"]
+    # Its folder: private, with the token gone once the process has ended.
+    (folder,) = tmp_path.glob("softmaxlab-ray-*")
+    assert folder.stat().st_mode & 0o777 == 0o700 and not (folder / "auth_token").exists()
+
+
+def descendants(pid: int) -> list[int]:
+    """The processes started under `pid`, from /proc."""
+    parent = {}
+    for proc in Path("/proc").iterdir():
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            parent[int(proc.name)] = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
+    found, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        kids = [c for c, pp in parent.items() if pp == p]
+        found += kids
+        todo += kids
+    return found
+
+
+def test_the_ray_a_sweep_starts_refuses_clients_without_its_token_and_listens_on_loopback(
+    tmp_path, short_tmp
+):
+    needs_root_for_namespaces()
+    project = make_project(tmp_path / "proj")
+    tiny = [o for o in tiny_overrides() if not o.startswith("train.epochs")]
+    # RAY_AUTH_MODE=disabled, as a user may have it for another cluster: the sweep's Ray has a token anyway.
+    env = env_with_venv(RAY_AUTH_MODE="disabled", RAY_TMPDIR=str(short_tmp), RAY_USAGE_STATS_ENABLED="0")
+    env.pop("RAY_ADDRESS", None)
+    # A job that trains long enough to try the cluster while it runs.
+    sweep = subprocess.Popen(
+        [str(ROOT / "tools" / "ray_local.sh"), "--no-cluster", "--", "python", "-m", "softmaxlab", "-m",
+         "launcher=ray", "train.epochs=5000", *tiny, "tracking.enabled=false", "hydra.sweep.dir=sweep"],
+        cwd=project, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    try:
+        deadline, gcs = time.time() + 300, None
+        while gcs is None and time.time() < deadline and sweep.poll() is None:
+            for pid in descendants(sweep.pid):
+                with contextlib.suppress(OSError):
+                    if b"gcs_server" in Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0]:
+                        gcs = pid
+            time.sleep(0.5)
+        assert gcs is not None, (
+            sweep.communicate(timeout=60)[0] if sweep.poll() is not None else "no Ray started"
+        )
+        args = Path(f"/proc/{gcs}/cmdline").read_bytes().decode().split("\0")
+        assert "--node_ip_address=127.0.0.1" in args or "--node-ip-address=127.0.0.1" in args, args
+        enter = ["nsenter", f"--target={gcs}", "--net", "--pid", "--mount", "--"]
+        # Its port (Ray picks a free one) once it listens: the namespace's sockets, with their processes.
+        port = None
+        while port is None and time.time() < deadline:
+            listening = run_cmd(enter + ["ss", "-ltnpH"], tmp_path, env=env_with_venv()).stdout.splitlines()
+            port = next(
+                (line.split()[3].rsplit(":", 1)[1] for line in listening if '"gcs_server"' in line), None
+            )
+            time.sleep(0.5)
+        assert port is not None
+        probe = ["python", "-c", f"import ray; ray.init(address='127.0.0.1:{port}'); print('joined')"]
+        # A client without a token, and one with another token: both refused.
+        refused = run_cmd(
+            enter + probe, tmp_path, env=env_with_venv(RAY_AUTH_MODE="disabled"), check=False, timeout=180
+        )
+        assert refused.returncode != 0 and "joined" not in refused.stdout, refused.stderr
+        wrong = tmp_path / "wrong_token"
+        wrong.write_text("0" * 64)
+        other = run_cmd(enter + probe, tmp_path, check=False, timeout=180,
+                        env=env_with_venv(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(wrong)))  # fmt: skip
+        assert other.returncode != 0 and "InvalidAuthToken" in other.stderr, other.stderr
+        # Its token: a file of its own, 0600 in a 0700 folder, not the ~/.ray/auth_token other clusters
+        # share; with it, a client joins.
+        environ = dict(
+            line.split("=", 1) for line in Path(f"/proc/{gcs}/environ").read_text().split("\0") if "=" in line
+        )
+        assert environ["RAY_AUTH_MODE"] == "token"
+        token = Path(environ["RAY_AUTH_TOKEN_PATH"])
+        assert token.stat().st_mode & 0o777 == 0o600 and token.parent.stat().st_mode & 0o777 == 0o700
+        assert Path.home() / ".ray" not in token.parents
+        joined = run_cmd(enter + probe, tmp_path, timeout=180,
+                         env=env_with_venv(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(token)))  # fmt: skip
+        assert "joined" in joined.stdout
+        # Every socket in the namespace listens on loopback (where there is nothing else, as here).
+        listening = run_cmd(enter + ["ss", "-ltnH"], tmp_path, env=env_with_venv()).stdout.splitlines()
+        local = [line.split()[3] for line in listening if line.strip()]
+        assert local and all(a.startswith(("127.0.0.1:", "[::ffff:127.0.0.1]:")) for a in local), local
+    finally:
+        sweep.kill()  # unshare --kill-child: the namespace, the sweep and its Ray go with it
+        sweep.communicate(timeout=60)

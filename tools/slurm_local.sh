@@ -10,9 +10,11 @@
 # SLURM_CONF pointing at it, so sbatch, squeue and sinfo talk to this cluster. Every daemon
 # and job listens on 127.0.0.1 only (CommunicationParameters=NoCtldInAddrAny,NoInAddrAny;
 # free ports). Everything runs in a private PID namespace: when COMMAND ends, this script
-# (the namespace's first process) exits and the kernel stops every daemon and job. Needs root
-# and Debian's slurm-wlm (22.05). Authentication is off (auth/none, no munge): the cluster is
-# for this machine's root only; never use this configuration on a real cluster.
+# (the namespace's first process) exits and the kernel stops every daemon and job. Needs root,
+# Debian's slurm-wlm (22.05) and munge. Daemons and clients authenticate with munge
+# (AuthType=auth/munge): a munged of this cluster's own, with a new key (0400) and its socket
+# in that folder, started here and stopped by its PID when COMMAND ends; the machine's own
+# munged and /etc/munge/munge.key are not used.
 set -euo pipefail
 
 if [ "${1:-}" != --inside ]; then
@@ -20,8 +22,8 @@ if [ "${1:-}" != --inside ]; then
     echo "slurm_local: needs root (slurmd, unshare): run it as root" >&2
     exit 2
   fi
-  for p in slurmctld slurmd sbatch; do
-    command -v "$p" >/dev/null || { echo "slurm_local: $p is missing (apt-get install slurm-wlm)" >&2; exit 2; }
+  for p in slurmctld slurmd sbatch munged mungekey; do
+    command -v "$p" >/dev/null || { echo "slurm_local: $p is missing (apt-get install slurm-wlm munge)" >&2; exit 2; }
   done
   # --kill-child: if this script is killed, the namespace (and every daemon and job) goes too.
   exec unshare --pid --fork --mount-proc --kill-child "$0" --inside "$@"
@@ -40,8 +42,26 @@ done
 [ $# -gt 0 ] || set -- "${SHELL:-bash}"
 
 state=$(mktemp -d /tmp/slurm-local.XXXXXX)
-trap 'rm -rf "$state" 2>/dev/null || true' EXIT
-mkdir -p "$state/spool" "$state/ctld"
+munge_pid=
+stop() {
+  # munged first, by its PID (never by name: the machine may run its own); the namespace's
+  # end stops the SLURM daemons and jobs.
+  if [ -n "$munge_pid" ]; then kill "$munge_pid" 2>/dev/null || true; fi
+  rm -rf "$state" 2>/dev/null || true
+}
+trap stop EXIT
+mkdir -p "$state/spool" "$state/ctld" "$state/munge"
+# munged wants its socket's folders searchable by everyone (any local user may ask it for a
+# credential, as themselves): the folders 0711, nothing in them readable but by root.
+chmod 0711 "$state" "$state/munge"
+# The cluster's munge key: new, readable by its owner only (munged refuses a looser one).
+mungekey --create --keyfile="$state/munge/munge.key"
+chmod 0400 "$state/munge/munge.key"
+munged --key-file="$state/munge/munge.key" --socket="$state/munge/munge.socket" \
+  --pid-file="$state/munge/munged.pid" --log-file="$state/munge/munged.log" \
+  --seed-file="$state/munge/munged.seed" \
+  || { echo "slurm_local: munged did not start:" >&2; tail -n 20 "$state/munge/munged.log" >&2; exit 1; }
+munge_pid=$(cat "$state/munge/munged.pid")
 read -r ctld_port slurmd_port < <(python3 -c '
 import socket
 socks = [socket.socket() for _ in range(2)]
@@ -55,8 +75,9 @@ SlurmctldHost=localhost(127.0.0.1)
 SlurmctldPort=$ctld_port
 SlurmdPort=$slurmd_port
 CommunicationParameters=NoCtldInAddrAny,NoInAddrAny
-AuthType=auth/none
-CredType=cred/none
+AuthType=auth/munge
+CredType=cred/munge
+AuthInfo=socket=$state/munge/munge.socket
 SlurmUser=root
 SlurmdUser=root
 StateSaveLocation=$state/ctld
