@@ -72,7 +72,12 @@ def _auth_call(what: str, fn):
 def set_admin_password(state: State, password: str) -> str:
     """The MLflow admin's password changed on the server (MLflow keeps its own); returns it."""
     with _as_admin(state) as client:
-        _auth_call("changing the admin's password", lambda: client.update_user_password(ADMIN, password))
+        _auth_call(
+            "changing the admin's password",
+            lambda: client.update_user_password(
+                ADMIN, password, current_password=state.secrets["admin_password"]
+            ),
+        )
     return password
 
 
