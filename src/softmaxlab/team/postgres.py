@@ -127,7 +127,14 @@ def start(state: State) -> str:
         raise UserError(f"PostgreSQL did not start: {last_lines(log)}")
     pid = int((data / "postmaster.pid").read_text().split()[0])
     record(state, "postgres", pid)
-    # Idempotent: the role (its password set from secrets.json each time) and the databases.
+    roles_and_databases(state)
+    return "created and started" if created else "started"
+
+
+def roles_and_databases(state: State) -> None:
+    """Idempotent, on every `team up` (a stack made by an older version gets what it lacks):
+    the owner role (its password set from secrets.json each time), the databases, who may
+    connect to which, the Optuna group and the `team` role."""
     password = state.secrets["pg_password"]
     sql = [
         f"SELECT 'CREATE ROLE {DB_ROLE} LOGIN' WHERE NOT EXISTS "
@@ -160,7 +167,6 @@ def start(state: State) -> str:
         " CASE r.relkind WHEN 'S' THEN 'SEQUENCE' ELSE 'TABLE' END, r.relname);",
         "  END LOOP; END $$;",
     ]) + "\n", db="optuna")  # fmt: skip
-    return "created and started" if created else "started"
 
 
 def stop(state: State) -> None:

@@ -128,6 +128,7 @@ def _up(d: Path, ports, auth, project, say, started: float) -> State:
         say(f"team: {name:<9} {what}: {url}{took}")
 
     if running_pid(state, "postgres") and postgres.answers(state):
+        postgres.roles_and_databases(state)
         report("postgres", "already running", f"{HOST}:{state.ports['postgres']}")
     else:
         report("postgres", postgres.start(state), f"{HOST}:{state.ports['postgres']}")
