@@ -68,8 +68,8 @@ def private_sqlite(uri: str) -> None:
     mode): created so before MLflow opens it, an older one made so."""
     if uri.startswith("sqlite:///"):
         path = Path(uri.removeprefix("sqlite:///").split("?")[0])
-        if not path.parent.is_dir():
-            return  # MLflow says so itself
+        if str(path) == ":memory:" or not path.parent.is_dir():
+            return  # no file, or MLflow says so itself
         os.close(os.open(path, os.O_RDWR | os.O_CREAT, 0o600))
         os.chmod(path, 0o600)
 
