@@ -327,10 +327,10 @@ def _team_stack_for(request):
 @pytest.fixture
 def team_stack(request, monkeypatch):
     """The team stack for one test: a `softmaxlab.team.stack.State` with `.env` (the variables
-    of .team/env: MLFLOW_TRACKING_URI and the admin's MLFLOW_TRACKING_USERNAME/PASSWORD,
-    AWS_*, SOFTMAXLAB_DVC_REMOTE, SOFTMAXLAB_OPTUNA_STORAGE), `.ports`, `.dir`, `.mlflow_url`,
-    `.s3_url` and `.postgres_url(db)` (a SQLAlchemy URL for `mlflow`, `mlflow_auth` or
-    `optuna`). The admin's login is in this test's environment, as `source .team/env` puts it
+    of .team/env: MLFLOW_TRACKING_URI and the admin's MLFLOW_TRACKING_USERNAME/PASSWORD, the
+    `team` S3 user's AWS_* keys, SOFTMAXLAB_DVC_REMOTE, SOFTMAXLAB_OPTUNA_STORAGE as the `team`
+    role), `.ports`, `.dir`, `.mlflow_url`, `.s3_url` and `.postgres_url(db)` (the owner's
+    SQLAlchemy URL for `mlflow`, `mlflow_auth` or `optuna`: what the server holds, no teammate). The admin's login is in this test's environment, as `source .team/env` puts it
     in a teammate's shell: the test's MLflow clients and the commands it runs log in.
     `softmaxlab.team.stack.configure_dvc(project, state.env)` points a project's DVC remote at it.
     The session's shared stack, or for the xdist group OWN_TEAM_STACK a stack of its own."""

@@ -1,12 +1,16 @@
-"""The team services (issue 12 items 1 and 4): real PostgreSQL, Ceph radosgw and MLflow server
-processes on 127.0.0.1, started by the same code as `softmaxlab team up`: the session's shared
-stack (basic-auth on), or for the tests that stop services a stack of their own (conftest)."""
+"""The team services (issue 12 items 1 and 4; issue 22 items 1 and 5): real PostgreSQL, Ceph
+radosgw and MLflow server processes on 127.0.0.1, started by the same code as `softmaxlab team
+up`: the session's shared stack (basic-auth on), or for the tests that stop services or change
+the stack's own secrets a stack of their own (conftest). Each teammate's identity is tried with
+what their join file holds, as they would: MLflow's 403, S3's AccessDenied and PostgreSQL's
+permission error each end in one line."""
 
 from __future__ import annotations
 
 import base64
 import json
 import os
+import shutil
 import stat
 import subprocess
 import sys
@@ -17,10 +21,10 @@ from pathlib import Path
 import pytest
 from conftest import OWN_TEAM_STACK, env_with_venv, make_project, run_cmd, tiny_overrides
 
-from softmaxlab.core.errors import UserError
+from softmaxlab.core.errors import UserError, first_line
 from softmaxlab.core.processes import group_members
 from softmaxlab.team import ceph, install, postgres, services, stack, users
-from softmaxlab.team.state import DVC_BUCKET, MLFLOW_BUCKET, SERVICES, State
+from softmaxlab.team.state import DVC_BUCKET, MLFLOW_BUCKET, SERVICES, State, load, write_env
 
 pytestmark = [pytest.mark.slow, pytest.mark.team]
 
@@ -50,6 +54,14 @@ def secret_values(state: State) -> list[str]:
     return values
 
 
+def sourced(path: Path) -> dict[str, str]:
+    """The variables an env file sets, as bash's `source` reads it (the file's own exports only)."""
+    out = subprocess.run(["bash", "-c", 'set -a; . "$1"; env -0', "_", str(path)],
+                         env={"PATH": os.environ["PATH"]}, capture_output=True, check=True).stdout  # fmt: skip
+    env = dict(item.split("=", 1) for item in out.decode().split("\0") if "=" in item)
+    return {k: v for k, v in env.items() if k not in ("PATH", "PWD", "SHLVL", "_", "OLDPWD")}
+
+
 def team_cli(state: State, *args: str, **env: str):
     return run_cmd(
         ["softmaxlab", "team", *args], Path.cwd(), env_with_venv(SOFTMAXLAB_TEAM_DIR=str(state.dir), **env),
@@ -70,8 +82,7 @@ def test_second_up_reports_what_runs_and_status_answers(team_stack):
     # .team/env: the variables a teammate sources, readable by its owner only.
     env_file = team_stack.path("env")
     assert stat.S_IMODE(env_file.stat().st_mode) == 0o600
-    exported = dict(line[len("export ") :].split("=", 1) for line in env_file.read_text().splitlines()
-                    if line.startswith("export "))  # fmt: skip
+    exported = sourced(env_file)
     assert exported == team_stack.env
     for name in ("MLFLOW_TRACKING_URI", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_ENDPOINT_URL"):
         assert exported[name]
@@ -217,7 +228,7 @@ def test_basic_auth_users_and_per_experiment_permissions(auth_stack):
     for name in ("alice", "bob"):
         path = auth_stack.path("users", f"{name}.env")
         assert stat.S_IMODE(path.stat().st_mode) == 0o600
-        lines = dict(line[len("export ") :].split("=", 1) for line in path.read_text().splitlines())
+        lines = sourced(path)
         assert lines["MLFLOW_TRACKING_USERNAME"] == name
         users[name] = lines["MLFLOW_TRACKING_PASSWORD"]
         assert users[name] not in said
@@ -277,7 +288,7 @@ def test_a_user_without_edit_gets_one_line_saying_who_grants_it_and_no_run(auth_
         )
         == 200
     )
-    password = users.add_user(auth_stack, "erin")
+    password = sourced(users.add_user(auth_stack, "erin"))["MLFLOW_TRACKING_PASSWORD"]
     project = make_project(tmp_path / "proj")
     env = env_with_venv(MLFLOW_TRACKING_URI=auth_stack.mlflow_url, MLFLOW_TRACKING_USERNAME="erin",
                         MLFLOW_TRACKING_PASSWORD=password)  # fmt: skip
@@ -297,7 +308,7 @@ def test_a_user_without_edit_gets_one_line_saying_who_grants_it_and_no_run(auth_
 def test_a_users_pipeline_run_on_the_auth_server_carries_no_credential(auth_stack, tmp_path, monkeypatch):
     import mlflow
 
-    password = users.add_user(auth_stack, "carol")
+    password = sourced(users.add_user(auth_stack, "carol"))["MLFLOW_TRACKING_PASSWORD"]
     creds = {"MLFLOW_TRACKING_USERNAME": "carol", "MLFLOW_TRACKING_PASSWORD": password}
     project = make_project(tmp_path / "proj", *tiny_overrides())
     env = env_with_venv(MLFLOW_TRACKING_URI=auth_stack.mlflow_url, **creds)
@@ -322,6 +333,263 @@ def test_a_users_pipeline_run_on_the_auth_server_carries_no_credential(auth_stac
         assert not any(value.encode() in b for b in blobs)
 
 
+# --- each holds only their own keys (issue 22 item 1) ---------------------------------------------
+
+
+def s3_as(state: State, env: dict[str, str]):
+    import boto3
+
+    return boto3.client("s3", endpoint_url=state.s3_url, region_name="us-east-1",
+                        aws_access_key_id=env["AWS_ACCESS_KEY_ID"],
+                        aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"])  # fmt: skip
+
+
+def s3_refusal(call) -> str:
+    """The one line S3 answers a refused request with (its error code first)."""
+    import botocore.exceptions
+
+    with pytest.raises(botocore.exceptions.ClientError) as err:
+        call()
+    return f"{err.value.response['Error']['Code']}: {first_line(err.value)}"
+
+
+def db_refusal(url: str) -> str:
+    """PostgreSQL's answer to `url`'s login, in one line (what `prepare_optuna_storage` says)."""
+    from softmaxlab.sweeps.cluster import prepare_optuna_storage
+
+    with pytest.raises(UserError) as err:
+        prepare_optuna_storage(url)
+    assert "\n" not in str(err.value)
+    return str(err.value)
+
+
+def other_db(url: str, db: str) -> str:
+    return f"{url.rsplit('/', 1)[0]}/{db}"
+
+
+def test_the_admins_env_holds_no_owner_secret_and_the_shared_one_no_admin_login(auth_stack, tmp_path):
+    import sqlalchemy
+
+    owner_secrets = [auth_stack.secrets["pg_password"], auth_stack.secrets["flask_secret_key"],
+                     *auth_stack.secrets["s3"]["mlflow"].values(), *auth_stack.secrets["s3"]["owner"].values()]  # fmt: skip
+    admin = sourced(auth_stack.path("env"))
+    text = auth_stack.path("env").read_text()
+    assert admin["MLFLOW_TRACKING_USERNAME"] == "admin"
+    assert not any(secret in text for secret in owner_secrets)
+    # Without basic-auth the same stack's file is the one teammates share: no admin login in it.
+    shared_state = state_copy(auth_stack, tmp_path / "no-auth", auth=False)
+    shared = sourced(write_env(shared_state))
+    assert "MLFLOW_TRACKING_USERNAME" not in shared and "MLFLOW_TRACKING_PASSWORD" not in shared
+    shared_text = shared_state.path("env").read_text()
+    assert not any(s in shared_text for s in [auth_stack.secrets["admin_password"], *owner_secrets])
+    assert shared["AWS_ACCESS_KEY_ID"] == admin["AWS_ACCESS_KEY_ID"]  # the `team` S3 user's
+    # The `team` role reaches the optuna database and no other: never the auth database.
+    optuna_url = shared["SOFTMAXLAB_OPTUNA_STORAGE"]
+    engine = sqlalchemy.create_engine(optuna_url)
+    with engine.connect() as conn:
+        assert conn.execute(sqlalchemy.text("SELECT current_database()")).scalar() == "optuna"
+    engine.dispose()
+    for db in ("mlflow_auth", "mlflow", "postgres"):
+        assert f'FATAL:  permission denied for database "{db}"' in db_refusal(other_db(optuna_url, db))
+    # The `team` S3 key: the DVC bucket, not the server's artifacts, and not the bucket's policy.
+    s3 = s3_as(auth_stack, shared)
+    s3.put_object(Bucket=DVC_BUCKET, Key="dvc/team-wrote-this", Body=b"ok")
+    assert s3_refusal(lambda: s3.list_objects_v2(Bucket=MLFLOW_BUCKET)).startswith("AccessDenied")
+    assert s3_refusal(lambda: s3.delete_bucket_policy(Bucket=DVC_BUCKET)).startswith("AccessDenied")
+
+
+def test_a_read_user_reads_runs_and_pulls_data_but_writes_neither(auth_stack, tmp_path, capsys):
+    import mlflow
+
+    seen = []
+    admin = sourced(auth_stack.path("env"))
+    out = team_cli(auth_stack, "add-user", "rita", "READ")
+    assert out.returncode == 0, out.stderr
+    rita = sourced(auth_stack.path("users", "rita.env"))
+    assert stat.S_IMODE(auth_stack.path("users", "rita.env").stat().st_mode) == 0o600
+    assert rita["MLFLOW_TRACKING_USERNAME"] == "rita" and "SOFTMAXLAB_OPTUNA_STORAGE" not in rita
+    text = auth_stack.path("users", "rita.env").read_text()
+    assert not any(value in text for value in secret_values(auth_stack))  # nobody else's key
+    # Runs: she reads the admin's, and may not write to the experiment.
+    with pytest.MonkeyPatch.context() as mp:
+        for name in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):
+            mp.setenv(name, admin[name])
+        client = mlflow.MlflowClient(auth_stack.mlflow_url)
+        exp_id = client.create_experiment("read-only-exp")
+        run = client.create_run(exp_id)
+        client.log_param(run.info.run_id, "lr", "0.5")
+        client.set_terminated(run.info.run_id)
+    with pytest.MonkeyPatch.context() as mp:
+        for name in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):
+            mp.setenv(name, rita[name])
+        (got,) = mlflow.MlflowClient(auth_stack.mlflow_url).search_runs([exp_id])
+        assert got.data.params == {"lr": "0.5"}
+        seen.append(f"READ rita reads the admin's run: params {got.data.params}")
+    project = make_project(tmp_path / "proj")
+    env = env_with_venv(**rita)
+    refused = run_cmd([sys.executable, "-m", "softmaxlab", *tiny_overrides(), "tracking.experiment=read-only-exp"],
+                      project, env, check=False)  # fmt: skip
+    assert refused.returncode == 2 and refused.stderr.count("\n") == 1, refused.stderr
+    assert "user rita may not write to experiment 'read-only-exp' (HTTP 403)" in refused.stderr
+    seen.append(f"READ rita runs the pipeline: {refused.stderr.strip()}")
+    # Data: the admin pushes, she pulls; her push is refused before DVC runs, in one line.
+    (project / "blob.bin").write_bytes(b"shared data " * 5000)
+    run_cmd(["dvc", "add", "-q", "blob.bin"], project)
+    run_cmd(["softmaxlab", "team", "join"], project, env_with_venv(**admin))
+    run_cmd(["softmaxlab", "push", "blob.bin.dvc"], project, env_with_venv(**admin))
+    shutil.rmtree(project / ".dvc" / "cache")
+    (project / "blob.bin").unlink()
+    run_cmd(["softmaxlab", "pull", "blob.bin.dvc"], project, env)
+    assert (project / "blob.bin").read_bytes() == b"shared data " * 5000
+    seen.append("READ rita: softmaxlab pull got the admin's data")
+    (project / "blob.bin").write_bytes(b"rita's change")
+    run_cmd(["dvc", "add", "-q", "blob.bin"], project)
+    push = run_cmd(["softmaxlab", "push"], project, env, check=False)
+    assert push.returncode == 2 and push.stderr.count("\n") == 1, push.stderr
+    assert f"may not write to bucket '{DVC_BUCKET}' (AccessDenied)" in push.stderr
+    assert rita["AWS_SECRET_ACCESS_KEY"] not in push.stderr
+    seen.append(f"READ rita pushes: {push.stderr.strip()}")
+    s3 = s3_as(auth_stack, rita)
+    seen.append("READ rita puts an object with boto3: "
+                + s3_refusal(lambda: s3.put_object(Bucket=DVC_BUCKET, Key="dvc/rita", Body=b"x")))  # fmt: skip
+    assert "AccessDenied" in seen[-1]
+    # An EDIT grant would let her write runs: refused for a READ user.
+    grant = team_cli(auth_stack, "grant", "rita", "read-only-exp", "EDIT")
+    assert grant.returncode == 2 and grant.stderr.count("\n") == 1 and "READ user" in grant.stderr
+    with capsys.disabled():
+        print("\n" + "\n".join(seen))
+
+
+def test_edit_users_hold_their_own_keys_and_remove_user_revokes_them(auth_stack, tmp_path, capsys):
+    import optuna
+    import sqlalchemy
+
+    from softmaxlab.sweeps.cluster import prepare_optuna_storage
+
+    seen = []
+    for name in ("eddie", "edna"):
+        out = team_cli(auth_stack, "add-user", name)  # EDIT unless told
+        assert out.returncode == 0, out.stderr
+        assert "database role" in auth_stack.path("users", f"{name}.env").read_text()
+    eddie, edna = (sourced(auth_stack.path("users", f"{n}.env")) for n in ("eddie", "edna"))
+    team = sourced(auth_stack.path("env"))
+    keys = {e["AWS_ACCESS_KEY_ID"] for e in (eddie, edna, team)}
+    assert len(keys) == 3  # each their own S3 key
+    # MLflow: eddie's experiment; edna may read it but not write until granted.
+    eddie_auth, edna_auth = (
+        ("eddie", eddie["MLFLOW_TRACKING_PASSWORD"]),
+        ("edna", edna["MLFLOW_TRACKING_PASSWORD"]),
+    )
+    url = auth_stack.mlflow_url
+    assert http_status(f"{url}/api/2.0/mlflow/experiments/create", *eddie_auth, {"name": "eddie-exp"}) == 200
+    exp_id = json.loads(urllib.request.urlopen(urllib.request.Request(
+        f"{url}/api/2.0/mlflow/experiments/get-by-name?experiment_name=eddie-exp",
+        headers={"Authorization": "Basic " + base64.b64encode(":".join(eddie_auth).encode()).decode()},
+    ), timeout=30).read())["experiment"]["experiment_id"]  # fmt: skip
+    new_run = (f"{url}/api/2.0/mlflow/runs/create", {"experiment_id": exp_id})
+    assert http_status(new_run[0], *edna_auth, new_run[1]) == 403
+    seen.append("second EDIT user edna writes to eddie's experiment: HTTP 403 until granted")
+    # S3: both push to the DVC bucket, neither deletes nor reads the server's artifacts.
+    for who, env in (("eddie", eddie), ("edna", edna)):
+        s3 = s3_as(auth_stack, env)
+        s3.put_object(Bucket=DVC_BUCKET, Key=f"dvc/{who}-wrote-this", Body=who.encode())
+        denied = s3_refusal(lambda s3=s3: s3.list_objects_v2(Bucket=MLFLOW_BUCKET))
+        assert denied.startswith("AccessDenied")
+        seen.append(f"EDIT {who} lists the artifacts bucket: {denied}")
+        assert s3_refusal(
+            lambda s3=s3, who=who: s3.delete_object(Bucket=DVC_BUCKET, Key=f"dvc/{who}-wrote-this")
+        ).startswith("AccessDenied")
+    # PostgreSQL: one Optuna study both use; no other database.
+    prepare_optuna_storage(eddie["SOFTMAXLAB_OPTUNA_STORAGE"])
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(study_name="eddie-and-edna", storage=eddie["SOFTMAXLAB_OPTUNA_STORAGE"])
+    study.optimize(lambda trial: trial.suggest_float("x", 0, 1), n_trials=1)
+    shared = optuna.load_study(study_name="eddie-and-edna", storage=edna["SOFTMAXLAB_OPTUNA_STORAGE"])
+    assert len(shared.trials) == 1
+    for db in ("mlflow_auth", "mlflow"):
+        refused = db_refusal(other_db(edna["SOFTMAXLAB_OPTUNA_STORAGE"], db))
+        assert f'permission denied for database "{db}"' in refused
+        assert edna["SOFTMAXLAB_OPTUNA_STORAGE"].split(":")[2].split("@")[0] not in refused  # no password
+        seen.append(f"EDIT edna's role on {db}: {refused}")
+    # remove-user: eddie's login, key and role are refused; edna keeps hers.
+    out = team_cli(auth_stack, "remove-user", "eddie")
+    assert out.returncode == 0, out.stderr
+    assert not auth_stack.path("users", "eddie.env").exists()
+    assert http_status(f"{url}/api/2.0/mlflow/experiments/search?max_results=1", *eddie_auth) == 401
+    gone = s3_refusal(lambda: s3_as(auth_stack, eddie).list_objects_v2(Bucket=DVC_BUCKET))
+    assert gone.startswith("InvalidAccessKeyId")
+    with pytest.raises(sqlalchemy.exc.OperationalError, match="password authentication failed"):
+        sqlalchemy.create_engine(eddie["SOFTMAXLAB_OPTUNA_STORAGE"]).connect()
+    seen.append(
+        f"removed eddie: MLflow 401, S3 {gone.split(':')[0]}, PostgreSQL password authentication failed"
+    )
+    s3_as(auth_stack, edna).put_object(Bucket=DVC_BUCKET, Key="dvc/edna-after", Body=b"still")
+    assert (
+        len(optuna.load_study(study_name="eddie-and-edna", storage=edna["SOFTMAXLAB_OPTUNA_STORAGE"]).trials)
+        == 1
+    )
+    # The admin: everything the teammates were refused.
+    admin = ("admin", auth_stack.secrets["admin_password"])
+    assert http_status(new_run[0], *admin, new_run[1]) == 200
+    seen.append("admin writes to eddie's experiment: HTTP 200")
+    with capsys.disabled():
+        print("\n" + "\n".join(seen))
+
+
+# --- files and names (issue 22 item 5) ------------------------------------------------------------
+
+
+def test_env_files_quote_values_so_a_secret_with_shell_syntax_survives_source(auth_stack, tmp_path):
+    # MLFLOW_AUTH_ADMIN_PASSWORD is the user's choice: any character may be in it.
+    password = f"p$(touch {tmp_path}/ran) `x` 'q\" $HOME;|&<> *"
+    copy = state_copy(
+        auth_stack, tmp_path / "quoted", secrets={**auth_stack.secrets, "admin_password": password}
+    )
+    got = sourced(write_env(copy))
+    assert got["MLFLOW_TRACKING_PASSWORD"] == password
+    assert got == copy.env
+    assert not (tmp_path / "ran").exists()
+
+
+def test_add_user_refuses_a_name_outside_the_safe_alphabet_in_one_line(auth_stack):
+    for name in ("../evil", "bob;touch x", "Bob", "-x", "a" * 33, ""):
+        out = team_cli(auth_stack, "add-user", name)
+        assert out.returncode == 2 and out.stderr.count("\n") == 1 and "Traceback" not in out.stderr, (
+            out.stderr
+        )
+        assert f"user name {name!r} is not allowed: use 1-32 lowercase letters, digits" in out.stderr
+    assert not (auth_stack.dir / "evil.env").exists()
+    assert not any("evil" in p.name or ";" in p.name for p in auth_stack.path("users").glob("*"))
+    assert not any(name.startswith(("../", "bob;")) for name in load(auth_stack.dir).users)
+
+
+def test_no_file_the_stack_wrote_is_readable_by_group_or_others(auth_stack):
+    """Readable by others: group/other read bits on the file, and every folder above it (up to
+    the state folder) lets them through. Only the state folder itself is 0711 (PostgreSQL's
+    user passes through it)."""
+    assert stat.S_IMODE(auth_stack.dir.stat().st_mode) == 0o711
+    exposed = []
+    for path in auth_stack.dir.rglob("*"):
+        st = path.lstat()
+        if not stat.S_ISREG(st.st_mode) or not st.st_mode & 0o044:
+            continue
+        parents = [p for p in path.parents if p != auth_stack.dir and auth_stack.dir in p.parents]
+        if all(p.stat().st_mode & 0o011 for p in parents):
+            exposed.append(f"{oct(stat.S_IMODE(st.st_mode))} {path.relative_to(auth_stack.dir)}")
+    assert exposed == []
+    assert all(stat.S_IMODE(p.stat().st_mode) & 0o077 == 0 for p in auth_stack.path("logs").glob("*.log"))
+
+
+def test_the_local_mlflow_db_is_its_owners_alone(tmp_path):
+    import mlflow
+
+    from softmaxlab.tracking.store import use_uri
+
+    use_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    mlflow.MlflowClient().create_experiment("private")
+    assert stat.S_IMODE((tmp_path / "mlflow.db").stat().st_mode) == 0o600
+
+
 def test_auth_mode_puts_no_credential_in_process_listings_or_logs(auth_stack):
     listing = process_listing()
     assert f"--port {auth_stack.ports['mlflow']}" in listing  # the server is in it
@@ -330,6 +598,50 @@ def test_auth_mode_puts_no_credential_in_process_listings_or_logs(auth_stack):
     for value in secret_values(auth_stack):
         assert value not in listing
         assert value not in logs
+
+
+@pytest.mark.xdist_group(OWN_TEAM_STACK)
+def test_rotate_replaces_the_admin_owner_and_team_secrets(auth_stack, tmp_path, monkeypatch):
+    import mlflow
+    import sqlalchemy
+
+    old = json.loads(json.dumps(auth_stack.secrets))
+    old_env = sourced(auth_stack.path("env"))
+    out = team_cli(auth_stack, "rotate")
+    assert out.returncode == 0, out.stderr
+    new = load(auth_stack.dir)
+    # This stack's later tests (same group) go on with the new secrets.
+    auth_stack.secrets.clear()
+    auth_stack.secrets.update(new.secrets)
+    for key in ("admin_password", "pg_password", "team_db_password", "flask_secret_key"):
+        assert new.secrets[key] != old[key]
+        assert old[key] not in out.stdout + auth_stack.path("env").read_text()
+    for uid in ("mlflow", "owner", "team"):
+        assert new.secrets["s3"][uid]["access_key"] != old["s3"][uid]["access_key"]
+    url = auth_stack.mlflow_url
+    search = f"{url}/api/2.0/mlflow/experiments/search?max_results=1"
+    assert http_status(search, "admin", old["admin_password"]) == 401
+    assert http_status(search, "admin", new.secrets["admin_password"]) == 200
+    for old_url in (auth_stack.postgres_url("mlflow").replace(new.secrets["pg_password"], old["pg_password"]),
+                    old_env["SOFTMAXLAB_OPTUNA_STORAGE"]):  # fmt: skip
+        with pytest.raises(sqlalchemy.exc.OperationalError, match="password authentication failed"):
+            sqlalchemy.create_engine(old_url).connect()
+    denied = s3_refusal(lambda: s3_as(auth_stack, old_env).list_objects_v2(Bucket=DVC_BUCKET))
+    assert denied.startswith("InvalidAccessKeyId")
+    # The new ones work: the server (restarted on the new database password and S3 keys) stores
+    # a run's artifact; the new `team` key and role reach the DVC bucket and the optuna database.
+    env = sourced(auth_stack.path("env"))
+    for name in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):
+        monkeypatch.setenv(name, env[name])
+    client = mlflow.MlflowClient(url)
+    run = client.create_run(client.create_experiment("after-rotate"))
+    (tmp_path / "note.txt").write_text("after rotate")
+    client.log_artifact(run.info.run_id, str(tmp_path / "note.txt"))
+    client.set_terminated(run.info.run_id)
+    mlflow.set_tracking_uri(url)
+    assert mlflow.artifacts.load_text(f"{run.info.artifact_uri}/note.txt") == "after rotate"
+    s3_as(auth_stack, env).put_object(Bucket=DVC_BUCKET, Key="dvc/after-rotate", Body=b"new")
+    sqlalchemy.create_engine(env["SOFTMAXLAB_OPTUNA_STORAGE"]).connect().close()
 
 
 @pytest.mark.xdist_group(OWN_TEAM_STACK)

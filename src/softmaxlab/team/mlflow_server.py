@@ -98,10 +98,11 @@ def _mode(state: State) -> str | None:
     return None
 
 
-def start(state: State) -> str:
+def start(state: State, restart: bool = False) -> str:
+    """The server, unless it runs in the state's mode; `restart`: anew even then (new secrets)."""
     mode = "basic-auth" if state.auth else "open"
     pid = running_pid(state, "mlflow")
-    if pid and _mode(state) == mode:
+    if pid and _mode(state) == mode and not restart:
         return "already running"
     what = "started with basic-auth" if state.auth else "started"
     if pid:

@@ -1,6 +1,12 @@
 """The team's PostgreSQL 15 (Debian's package): a cluster listening on 127.0.0.1, with the
-databases `mlflow`, `mlflow_auth` and `optuna` owned by the role `softmaxlab`, whose password is
-generated and kept in .team/secrets.json.
+databases `mlflow`, `mlflow_auth` and `optuna` owned by the role `softmaxlab` (the MLflow
+server's), whose password is generated and kept in .team/secrets.json.
+
+Everyone else reaches the `optuna` database only: CONNECT is revoked from PUBLIC on every
+database, and granted on `optuna` to the group `optuna_users`, whose members are the role `team`
+and each EDIT teammate's role. A member's sessions in `optuna` run as the group (a per-role
+`SET role` default), so the tables Optuna creates belong to the group and every member may use
+them; none of them owns anything, so a teammate's role can be dropped at once.
 
 Its files (data/, run/ with the socket, postgres.log) are in .team/pg when we are not root. As
 root, PostgreSQL runs as user postgres, which may not be able to enter the clone (a 0700 home,
@@ -20,7 +26,7 @@ from pathlib import Path
 from softmaxlab.core.errors import UserError
 from softmaxlab.core.processes import stop_group
 from softmaxlab.team.services import check_port_free, last_lines, record, run, running_pid, start_ticks
-from softmaxlab.team.state import DATABASES, DB_ROLE, HOST, State
+from softmaxlab.team.state import DATABASES, DB_ROLE, HOST, OPTUNA_GROUP, TEAM, State
 
 PG_BIN = Path(os.environ.get("SOFTMAXLAB_PG_BIN", "/usr/lib/postgresql/15/bin"))
 
@@ -84,12 +90,49 @@ def answers(state: State) -> bool:
     )
 
 
-def _psql(state: State, sql: str) -> str:
+def _psql(state: State, sql: str, db: str = "postgres") -> str:
     """SQL through psql's stdin on the state's own socket (so a password in it is never in argv)."""
     _, run_dir, _ = pg_dirs(state)
     cmd = [PG_BIN / "psql", "-X", "-q", "-At", "-v", "ON_ERROR_STOP=1", "-h", run_dir,
-           "-p", state.ports["postgres"], "-U", "postgres", "-d", "postgres", "-f", "-"]  # fmt: skip
+           "-p", state.ports["postgres"], "-U", "postgres", "-d", db, "-f", "-"]  # fmt: skip
     return run(as_postgres(cmd), "psql", input=sql, cwd="/").stdout
+
+
+def _ident(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
+
+
+def _literal(text: str) -> str:
+    return "'" + text.replace("'", "''") + "'"
+
+
+def _role_sql(role: str, password: str) -> list[str]:
+    """A login role (its password set each time) in the Optuna group, its sessions in `optuna`
+    running as the group."""
+    return [
+        f"SELECT 'CREATE ROLE {_ident(role)} LOGIN' WHERE NOT EXISTS "
+        f"(SELECT FROM pg_roles WHERE rolname = {_literal(role)})\\gexec",
+        f"ALTER ROLE {_ident(role)} LOGIN PASSWORD {_literal(password)};",
+        f"GRANT {OPTUNA_GROUP} TO {_ident(role)};",
+        f"ALTER ROLE {_ident(role)} IN DATABASE optuna SET role = {_literal(OPTUNA_GROUP)};",
+    ]
+
+
+def add_role(state: State, role: str, password: str) -> None:
+    """Login role `role` that reaches the `optuna` database and no other."""
+    _psql(state, "\n".join(_role_sql(role, password)) + "\n")
+
+
+def set_password(state: State, role: str, password: str) -> None:
+    _psql(state, f"ALTER ROLE {_ident(role)} PASSWORD {_literal(password)};\n")
+
+
+def drop_role(state: State, role: str) -> None:
+    """Role `role` gone, its open sessions ended (a dropped role's session would live on)."""
+    _psql(state, "\n".join([
+        f"SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = {_literal(role)};",
+        f"DROP ROLE IF EXISTS {_ident(role)};",
+    ]) + "\n")  # fmt: skip
 
 
 def start(state: State) -> str:
@@ -120,7 +163,14 @@ def start(state: State) -> str:
         raise UserError(f"PostgreSQL did not start: {last_lines(log)}")
     pid = int((data / "postmaster.pid").read_text().split()[0])
     record(state, "postgres", pid)
-    # Idempotent: the role (its password set from secrets.json each time) and the databases.
+    roles_and_databases(state)
+    return "created and started" if created else "started"
+
+
+def roles_and_databases(state: State) -> None:
+    """Idempotent, on every `team up` (a stack made by an older version gets what it lacks):
+    the owner role (its password set from secrets.json each time), the databases, who may
+    connect to which, the Optuna group and the `team` role."""
     password = state.secrets["pg_password"]
     sql = [
         f"SELECT 'CREATE ROLE {DB_ROLE} LOGIN' WHERE NOT EXISTS "
@@ -132,8 +182,27 @@ def start(state: State) -> str:
             f"SELECT 'CREATE DATABASE {db} OWNER {DB_ROLE}' WHERE NOT EXISTS "
             f"(SELECT FROM pg_database WHERE datname = '{db}')\\gexec"
         )
+    # Only owners (and the superuser) connect, except to `optuna`: the Optuna group's.
+    sql += [
+        f"SELECT 'CREATE ROLE {OPTUNA_GROUP} NOLOGIN' WHERE NOT EXISTS "
+        f"(SELECT FROM pg_roles WHERE rolname = '{OPTUNA_GROUP}')\\gexec",
+        f"REVOKE CONNECT, TEMPORARY ON DATABASE postgres, template1, {', '.join(DATABASES)} FROM PUBLIC;",
+        f"GRANT CONNECT ON DATABASE optuna TO {OPTUNA_GROUP};",
+        *_role_sql(TEAM, state.secrets["team_db_password"]),
+    ]
     _psql(state, "\n".join(sql) + "\n")
-    return "created and started" if created else "started"
+    # In `optuna`, the group may create Optuna's tables; tables an older stack made as the
+    # owner become the group's.
+    _psql(state, "\n".join([
+        f"GRANT USAGE, CREATE ON SCHEMA public TO {OPTUNA_GROUP};",
+        "DO $$ DECLARE r record; BEGIN",
+        "  FOR r IN SELECT c.relname, c.relkind FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace",
+        f"    WHERE n.nspname = 'public' AND pg_get_userbyid(c.relowner) = '{DB_ROLE}' AND c.relkind IN ('r', 'S')",
+        "  LOOP",
+        f"    EXECUTE format('ALTER %s %I OWNER TO {OPTUNA_GROUP}',"
+        " CASE r.relkind WHEN 'S' THEN 'SEQUENCE' ELSE 'TABLE' END, r.relname);",
+        "  END LOOP; END $$;",
+    ]) + "\n", db="optuna")  # fmt: skip
 
 
 def stop(state: State) -> None:

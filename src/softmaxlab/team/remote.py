@@ -17,7 +17,7 @@ from urllib.parse import urlsplit
 
 from softmaxlab.core.errors import UserError
 
-SOURCE_HINT = "`source .team/env` (or the env file your team shares)"
+SOURCE_HINT = "`source` your env file (.team/users/NAME.env from `softmaxlab team add-user`, or .team/env)"
 
 
 class StoreDown(Exception):
@@ -34,9 +34,11 @@ def default_remote(root: Path) -> tuple[str, dict] | None:
     return (name, dict(config["remote"].get(name, {}))) if name else None
 
 
-def check_s3(remote: str, settings: dict) -> None:
+def check_s3(remote: str, settings: dict, write: bool = False) -> None:
     """Raise UserError naming the variable that is missing or wrong, StoreDown if the store
-    does not answer; return if the bucket can be listed with these credentials."""
+    does not answer; return if the bucket can be listed with these credentials and, with
+    `write`, written to (a multipart upload started and aborted: it leaves no object, and a
+    READ teammate's key is refused it)."""
     import boto3
     import botocore.exceptions as bx
 
@@ -61,8 +63,14 @@ def check_s3(remote: str, settings: dict) -> None:
     if creds is None:
         raise UserError(f"{key_name} and {secret_name} are not set: {where} needs them; {SOURCE_HINT}")
     s3 = session.client("s3", endpoint_url=endpoint, config=_client_config())
+    refused = f"may not use bucket {bucket!r} (AccessDenied)"
     try:
         s3.list_objects_v2(Bucket=bucket, MaxKeys=1)
+        if write:
+            refused = f"may not write to bucket {bucket!r} (AccessDenied): a READ teammate's key pulls only"
+            key = f"{urlsplit(url).path.strip('/')}/.softmaxlab-write-check".lstrip("/")
+            upload = s3.create_multipart_upload(Bucket=bucket, Key=key)
+            s3.abort_multipart_upload(Bucket=bucket, Key=key, UploadId=upload["UploadId"])
     except bx.EndpointConnectionError as err:
         raise StoreDown(f"the object store of {where} is not answering ({err})") from None
     except bx.ClientError as err:
@@ -71,7 +79,7 @@ def check_s3(remote: str, settings: dict) -> None:
         known = {
             "InvalidAccessKeyId": f"{key_name}={key} is not a key the object store knows",
             "SignatureDoesNotMatch": f"{secret_name} is wrong for {key_name}={key}",
-            "AccessDenied": f"{key_name}={key} may not use bucket {bucket!r}",
+            "AccessDenied": f"{key_name}={key} {refused}",
             "NoSuchBucket": f"bucket {bucket!r} does not exist",
         }
         if code in known:
@@ -100,7 +108,7 @@ def dvc_cli(command: str, args: list[str]) -> None:
     name, settings = remote
     if settings.get("url", "").startswith("s3://"):
         try:
-            check_s3(name, settings)
+            check_s3(name, settings, write=command == "push")
         except StoreDown as err:
             print(
                 f"softmaxlab: error: {err}; nothing was {'sent' if command == 'push' else 'changed'}: "

@@ -1,12 +1,18 @@
 """What `softmaxlab team up` keeps under its state folder (`.team/` at the project root, or
-`SOFTMAXLAB_TEAM_DIR`): the ports, the generated secrets (secrets.json, 0600) and the Ceph
-cluster's ids, and the `.team/env` a teammate sources. The names every other team module shares
-(host, buckets, the database role, the services) are here too."""
+`SOFTMAXLAB_TEAM_DIR`): the ports, the Ceph cluster's ids and the teammates' names and levels
+(state.json), the generated secrets (secrets.json), and the env files people source: `.team/env`
+(whoever runs the stack) and `.team/users/NAME.env` (one teammate's join file). Every file here
+is its owner's alone (0600). The names every other team module shares (host, buckets, the
+database roles, the services) are here too."""
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
+import re
+import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -16,7 +22,11 @@ HOST = "127.0.0.1"
 # Fixed defaults, so a teammate's .team/env stays the same from one `team up` to the next;
 # SOFTMAXLAB_TEAM_<NAME>_PORT overrides each (the tests pick free ports).
 DEFAULT_PORTS = {"postgres": 15432, "ceph_mon": 16789, "s3": 17480, "mlflow": 15000}
+# The database roles: the owner of the three databases (the MLflow server's; its password never
+# leaves secrets.json and the server's own configuration), a group that may use the `optuna`
+# database and no other (the `team` role and each EDIT teammate's role are its members).
 DB_ROLE = "softmaxlab"
+OPTUNA_GROUP = "optuna_users"
 DATABASES = ("mlflow", "mlflow_auth", "optuna")
 MLFLOW_BUCKET = "softmaxlab-mlflow"
 DVC_BUCKET = "softmaxlab-dvc"
@@ -24,6 +34,16 @@ DVC_REMOTE_NAME = "team"
 DVC_REMOTE_URL = f"s3://{DVC_BUCKET}/dvc"
 REGION = "us-east-1"  # radosgw's default zonegroup accepts it; boto3 wants one
 ADMIN = "admin"
+# The shared identity of a stack without basic-auth (and of whoever runs it): S3 user and
+# database role `team`, which may use the DVC bucket and the `optuna` database only.
+TEAM = "team"
+# The S3 user that owns the DVC bucket and writes its policy: its keys stay in secrets.json.
+OWNER = "owner"
+# What a teammate may do (`team add-user NAME [READ|EDIT]`): READ reads runs and pulls data;
+# EDIT also logs runs, pushes data and gets an Optuna storage.
+LEVELS = ("READ", "EDIT")
+# A teammate's name goes into a path, an S3 user id, a database role and an export line.
+NAME = re.compile(r"[a-z][a-z0-9_-]{0,31}")
 SERVICES = ("postgres", "ceph-mon", "ceph-osd", "radosgw", "mlflow")
 
 
@@ -49,6 +69,7 @@ class State:
     auth: bool = False
     ceph: dict = field(default_factory=dict)
     secrets: dict = field(default_factory=dict)
+    users: dict[str, str] = field(default_factory=dict)  # name -> READ or EDIT
 
     def path(self, *parts: str) -> Path:
         return self.dir.joinpath(*parts)
@@ -66,8 +87,20 @@ class State:
 
     @property
     def env(self) -> dict[str, str]:
-        """The variables a teammate sets (.team/env): the tracking server, and S3 for DVC."""
-        s3 = self.secrets.get("s3", {}).get("team", {})
+        """.team/env's variables: the server, and the `team` identity (its S3 keys for the DVC
+        bucket, its role for the `optuna` database); with basic-auth also the MLflow admin's
+        login, which makes the file the admin's alone (teammates get `add-user`'s files)."""
+        env = self.join_env(
+            TEAM, self.secrets.get("s3", {}).get(TEAM, {}), self.secrets.get("team_db_password")
+        )
+        if self.auth:
+            env["MLFLOW_TRACKING_USERNAME"] = ADMIN
+            env["MLFLOW_TRACKING_PASSWORD"] = self.secrets["admin_password"]
+        return env
+
+    def join_env(self, role: str, s3: dict, db_password: str | None) -> dict[str, str]:
+        """What one identity needs to reach the stack: the server, its S3 keys (the DVC bucket)
+        and, given a database password, an Optuna storage URL as database role `role`."""
         env = {
             "MLFLOW_TRACKING_URI": self.mlflow_url,
             "AWS_ACCESS_KEY_ID": s3.get("access_key", ""),
@@ -75,18 +108,16 @@ class State:
             "AWS_ENDPOINT_URL": self.s3_url,
             "AWS_DEFAULT_REGION": REGION,
             "SOFTMAXLAB_DVC_REMOTE": DVC_REMOTE_URL,
-            # Optuna's shared studies talk to the database directly (RDB storage).
-            "SOFTMAXLAB_OPTUNA_STORAGE": postgres_url(self, "optuna"),
         }
-        if self.auth:
-            env["MLFLOW_TRACKING_USERNAME"] = ADMIN
-            env["MLFLOW_TRACKING_PASSWORD"] = self.secrets["admin_password"]
+        if db_password:
+            # Optuna's shared studies talk to the database directly (RDB storage).
+            env["SOFTMAXLAB_OPTUNA_STORAGE"] = role_url(self, role, db_password, "optuna")
         return env
 
     def save(self) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)
-        public = {"ports": self.ports, "auth": self.auth, "ceph": self.ceph}
-        (self.dir / "state.json").write_text(json.dumps(public, indent=2) + "\n")
+        public = {"ports": self.ports, "auth": self.auth, "ceph": self.ceph, "users": self.users}
+        write_private(self.dir / "state.json", json.dumps(public, indent=2) + "\n")
         write_private(self.dir / "secrets.json", json.dumps(self.secrets, indent=2) + "\n")
 
 
@@ -99,9 +130,43 @@ def write_private(path: Path, text: str) -> None:
 
 
 def postgres_url(state: State, db: str) -> str:
-    """SQLAlchemy URL of one of the stack's databases (psycopg2: SQLAlchemy 2 reads a plain
-    postgresql:// as psycopg 3)."""
-    return f"postgresql+psycopg2://{DB_ROLE}:{state.secrets['pg_password']}@{HOST}:{state.ports['postgres']}/{db}"
+    """SQLAlchemy URL of one of the stack's databases as their owner (the MLflow server's)."""
+    return role_url(state, DB_ROLE, state.secrets["pg_password"], db)
+
+
+def role_url(state: State, role: str, password: str, db: str) -> str:
+    """SQLAlchemy URL of database `db` as `role` (psycopg2: SQLAlchemy 2 reads a plain
+    postgresql:// as psycopg 3). Roles and generated passwords need no escaping: names match
+    NAME, passwords are URL-safe tokens."""
+    return f"postgresql+psycopg2://{role}:{password}@{HOST}:{state.ports['postgres']}/{db}"
+
+
+def user_role(name: str) -> str:
+    """Teammate `name`'s S3 user id and database role: apart from the stack's own
+    (`mlflow`, `team`, `softmaxlab`, `postgres`), whatever the name."""
+    return f"user-{name}"
+
+
+def check_name(name: str) -> str:
+    if not NAME.fullmatch(name):
+        raise UserError(
+            f"user name {name!r} is not allowed: use 1-32 lowercase letters, digits, '-' or '_', "
+            "starting with a letter"
+        )
+    return name
+
+
+@contextlib.contextmanager
+def locked(state_dir: Path):
+    """One command at a time changes the state (`team up`, add-user, remove-user, rotate): each
+    reads state.json and secrets.json, changes them and writes them back."""
+    state_dir.mkdir(parents=True, exist_ok=True)
+    fd = os.open(state_dir / "lock", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
 
 
 def load(state_dir: Path | None = None) -> State:
@@ -110,7 +175,14 @@ def load(state_dir: Path | None = None) -> State:
         raise UserError(f"no team services in {d}: start them with `make team-up` (softmaxlab team up)")
     public = json.loads((d / "state.json").read_text())
     private = json.loads((d / "secrets.json").read_text()) if (d / "secrets.json").is_file() else {}
-    return State(d, public["ports"], public.get("auth", False), public.get("ceph", {}), private)
+    return State(
+        d,
+        public["ports"],
+        public.get("auth", False),
+        public.get("ceph", {}),
+        private,
+        public.get("users", {}),
+    )
 
 
 def resolve_ports(saved: dict | None, requested: dict | None) -> dict[str, int]:
@@ -126,12 +198,25 @@ def resolve_ports(saved: dict | None, requested: dict | None) -> dict[str, int]:
     return ports
 
 
-def write_env(state: State) -> Path:
-    lines = [
-        "# The team's services (`softmaxlab team up`): `source .team/env` in every shell that",
-        "# logs runs or pushes data. Holds secrets: keep it in .team/ (git-ignored, mode 0600).",
-    ]
-    lines += [f"export {k}={v}" for k, v in state.env.items()]
-    path = state.path("env")
+def write_env_file(path: Path, variables: dict[str, str], header: list[str]) -> Path:
+    """`export K=V` lines a shell sources, each value shell-quoted (a password may hold any
+    character), in a file only its owner can read."""
+    lines = [f"# {line}" for line in header] + [f"export {k}={shlex.quote(v)}" for k, v in variables.items()]
     write_private(path, "\n".join(lines) + "\n")
     return path
+
+
+def write_env(state: State) -> Path:
+    if state.auth:
+        header = [
+            "The team stack's admin (`softmaxlab team up --auth`): the MLflow admin's login and the",
+            "`team` S3 keys and database role. Yours alone: each teammate gets their own file from",
+            "`softmaxlab team add-user NAME`.",
+        ]
+    else:
+        header = [
+            "The team stack without basic-auth (`softmaxlab team up`): the server's address, and the",
+            "keys of the `team` S3 user (the DVC bucket) and database role (the optuna database).",
+            "The file teammates source; it holds no admin or owner secret.",
+        ]
+    return write_env_file(state.path("env"), state.env, header)

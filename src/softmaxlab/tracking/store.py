@@ -64,8 +64,20 @@ def use_uri(uri: str) -> None:
 
     from softmaxlab.core.processes import restored_env
 
+    private_sqlite(uri)
     with restored_env("MLFLOW_TRACKING_URI"):
         mlflow.set_tracking_uri(uri)
+
+
+def private_sqlite(uri: str) -> None:
+    """A sqlite store's file readable by its owner only (sqlite gives its journal the same
+    mode): created so before MLflow opens it, an older one made so."""
+    if uri.startswith("sqlite:///"):
+        path = Path(uri.removeprefix("sqlite:///").split("?")[0])
+        if str(path) == ":memory:" or not path.parent.is_dir():
+            return  # no file, or MLflow says so itself
+        os.close(os.open(path, os.O_RDWR | os.O_CREAT, 0o600))
+        os.chmod(path, 0o600)
 
 
 def ensure_experiment(uri: str, name: str) -> str:
