@@ -312,9 +312,10 @@ def test_a_users_pipeline_run_on_the_auth_server_carries_no_credential(auth_stac
     creds = {"MLFLOW_TRACKING_USERNAME": "carol", "MLFLOW_TRACKING_PASSWORD": password}
     project = make_project(tmp_path / "proj", *tiny_overrides())
     env = env_with_venv(MLFLOW_TRACKING_URI=auth_stack.mlflow_url, **creds)
-    out = run_cmd(
-        [sys.executable, "-m", "softmaxlab", *tiny_overrides(), "tracking.experiment=carol-exp"], project, env
-    )
+    # A registered model of her own: on the session's shared stack another test may have
+    # registered the default one first, and only its owner (or a grant) may add versions.
+    own = ["tracking.experiment=carol-exp", "tracking.registered_model=carol-model"]
+    out = run_cmd([sys.executable, "-m", "softmaxlab", *tiny_overrides(), *own], project, env)
     assert password not in out.stdout + out.stderr
     # Read back as the admin: the run is carol's, on the server, and holds no credential.
     mlflow.set_tracking_uri(auth_stack.mlflow_url)  # MLflow's global URI wins over the env
