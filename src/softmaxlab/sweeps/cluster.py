@@ -136,7 +136,7 @@ def local_ray(tracking_uri: str | None) -> dict:
       makes its own temp folder world-writable: that is a folder inside.
     - The tracking URI's credentials, if it has any, as MLflow's variables: the workers
       inherit them from the node, as on a cluster, since the runtime env carries none."""
-    from softmaxlab.team.state import write_private
+    from softmaxlab.core.private import write_private
 
     folder = Path(tempfile.mkdtemp(prefix="softmaxlab-ray-", dir=os.environ.get("RAY_TMPDIR")))
     token = folder / "auth_token"

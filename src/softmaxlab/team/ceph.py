@@ -19,6 +19,7 @@ import uuid
 from pathlib import Path
 
 from softmaxlab.core.errors import UserError
+from softmaxlab.core.private import write_private
 from softmaxlab.core.processes import stop_group
 from softmaxlab.team.services import check_port_free, failed, http_answers, run, running_pid, spawn, wait
 from softmaxlab.team.state import (
@@ -31,7 +32,6 @@ from softmaxlab.team.state import (
     State,
     port_variable,
     user_role,
-    write_private,
 )
 
 OSD_BYTES = 10 * 2**30  # the BlueStore file is sparse: it takes only what is stored

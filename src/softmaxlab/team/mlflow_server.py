@@ -12,10 +12,11 @@ import sys
 from pathlib import Path
 
 from softmaxlab.core.errors import UserError
+from softmaxlab.core.private import write_private
 from softmaxlab.core.probe import answers_ok
 from softmaxlab.core.processes import stop_group
 from softmaxlab.team.services import check_port_free, last_lines, running_pid, spawn, wait
-from softmaxlab.team.state import ADMIN, HOST, MLFLOW_BUCKET, REGION, State, postgres_url, write_private
+from softmaxlab.team.state import ADMIN, HOST, MLFLOW_BUCKET, REGION, State, postgres_url
 
 ARTIFACTS = f"s3://{MLFLOW_BUCKET}/mlflow"
 # MLflow's fastapi app imports starlette.middleware.wsgi, which this Starlette deprecates.

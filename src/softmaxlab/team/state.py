@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from softmaxlab.core.errors import UserError
+from softmaxlab.core.private import write_private
 
 HOST = "127.0.0.1"
 # Fixed defaults, so a teammate's .team/env stays the same from one `team up` to the next;
@@ -119,14 +120,6 @@ class State:
         public = {"ports": self.ports, "auth": self.auth, "ceph": self.ceph, "users": self.users}
         write_private(self.dir / "state.json", json.dumps(public, indent=2) + "\n")
         write_private(self.dir / "secrets.json", json.dumps(self.secrets, indent=2) + "\n")
-
-
-def write_private(path: Path, text: str) -> None:
-    """A file only its owner can read, never readable by others even for a moment."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.chmod(path, 0o600)
 
 
 def postgres_url(state: State, db: str) -> str:
