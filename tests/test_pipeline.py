@@ -291,24 +291,26 @@ def test_a_store_failing_at_a_runs_end_queues_the_end_and_keeps_the_blocks_own_e
         cfg = compose_config(*tiny_overrides(f"tracking.uri={uri}"))
         tracker = connect(cfg)
         # 1. The block succeeds, later stages still to run: tagging it pending fails.
-        with pytest.raises(Exception) as store_error:
-            with tracker.run(cfg, run_name="pending", later_stages=("evaluate", "report")) as pending_id:
-                stop()
+        pending = tracker.run(cfg, run_name="pending", later_stages=("evaluate", "report"))
+        with pytest.raises(Exception) as store_error, pending as pending_id:
+            stop()
         assert is_tracking_error(store_error.value), store_error.value
         assert pending_id in stranded_runs()
         # 2. The block fails; the server is gone: the block's error, not the store's.
         start()
-        with pytest.raises(ValueError, match="the block's own error"):
-            with tracker.run(cfg, run_name="fails") as failed_id:
-                stop()
-                raise ValueError("the block's own error")
+        with (
+            pytest.raises(ValueError, match="the block's own error"),
+            tracker.run(cfg, run_name="fails") as failed_id,
+        ):
+            stop()
+            raise ValueError("the block's own error")
         assert failed_id in stranded_runs()
         # Back: both are ended, with what they could not be told at the time.
         start()
         assert end_stranded() == []
         server = MlflowClient(uri)
-        pending, failed = server.get_run(pending_id), server.get_run(failed_id)
-        assert pending.info.status == "FAILED" and pending.data.tags[PENDING_TAG] == "evaluate, report"
+        ended, failed = server.get_run(pending_id), server.get_run(failed_id)
+        assert ended.info.status == "FAILED" and ended.data.tags[PENDING_TAG] == "evaluate, report"
         assert failed.info.status == "FAILED" and failed.data.tags["error"] == "the block's own error"
 
 
