@@ -341,3 +341,42 @@ def test_a_later_stages_error_is_recorded_on_the_run_without_credentials(tmp_pat
     assert run.data.tags["error"].startswith("report: API request to http://***@127.0.0.1")
     written = " ".join([*run.data.tags.values(), *run.data.params.values()])
     assert "pw-5c1e9a77d3" not in written
+
+
+@pytest.mark.slow
+def test_with_early_stopping_the_kept_weights_are_what_is_recorded_warned_on_and_ranked_on(tmp_path):
+    """restore_best_weights keeps an earlier epoch's weights: the saved model's validation
+    accuracy is its own metric (the curves stay each epoch's, as trained), the shortfall
+    warning and train.json describe the saved model, and promote ranks on it."""
+    from softmaxlab.serving import promote
+    from softmaxlab.tracking.tracker import connect
+
+    # No epoch after the first improves val_loss by 100: the first epoch's weights are kept,
+    # well below what the data allows, while the last epoch's are close to it.
+    cfg = compose_config(*tiny_overrides(
+        "train.epochs=12", "train.early_stopping.enabled=true", "train.early_stopping.min_delta=100",
+        "train.early_stopping.patience=20", f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}",
+        "tracking.log_model=true",
+    ))  # fmt: skip
+    root = tmp_path / "run"
+    tracker = connect(cfg)
+    metrics = pipeline.run(cfg, root, tracker, run_name="kept")
+    history = pd.read_csv(root / cfg.paths.history)
+    info = json.loads((root / cfg.paths.train_info).read_text())
+    _, probs, labels = read_predictions(root / cfg.paths.predictions / "val.parquet")
+    saved = float(np.mean(probs.argmax(1) == labels))
+    last = float(history["val_accuracy"].iloc[-1])
+    assert saved == pytest.approx(history["val_accuracy"].iloc[0])  # the first epoch's weights
+    assert last >= info["val_accuracy_reference"] - training.SHORTFALL_WARNING > saved  # the case in point
+
+    run = tracker.client.get_run(metrics["run_id"])
+    assert run.data.metrics[names.VAL_ACCURACY] == pytest.approx(saved)
+    curve = tracker.client.get_metric_history(metrics["run_id"], names.CURVES["val_accuracy"])
+    assert [m.value for m in sorted(curve, key=lambda m: m.step)] == pytest.approx(
+        list(history["val_accuracy"])
+    )
+    assert info["val_accuracy"] == pytest.approx(saved)
+    assert info["warning"].startswith(f"validation accuracy {saved:.3f} is far below")
+    (candidate,) = promote.candidates(tracker.client, cfg.tracking.registered_model)
+    assert candidate.metrics[promote.VAL_ACCURACY] == pytest.approx(saved)
+    assert promote.RULE.startswith(f"highest {names.VAL_ACCURACY}")

@@ -247,10 +247,10 @@ def test_optuna_preset_runs_tiny_and_picks_on_the_validation_objective(tmp_path)
 
 @pytest.mark.slow
 def test_a_sweep_whose_jobs_all_fail_exits_non_zero_with_tracking_off(tmp_path):
-    # lr=1000 and 5000 with SGD diverge: every job fails alone, and the sweep says so in its
+    # lr=1000 and 5000 with SGD (ELU: the ReLUs would die instead) diverge: every job fails alone, and the sweep says so in its
     # exit code without MLflow to count them.
     project = make_project(tmp_path / "proj")
-    proc = run_cmd(["python", "-m", "softmaxlab", "-m", "optimizer=sgd", "optimizer.lr=1000,5000",
+    proc = run_cmd(["python", "-m", "softmaxlab", "-m", "optimizer=sgd", "model.activation=elu", "optimizer.lr=1000,5000",
                     *tiny_overrides("train.epochs=3"), "tracking.enabled=false", "hydra.sweep.dir=sweep"],
                    project, check=False)  # fmt: skip
     assert proc.returncode == 1, proc.stderr
@@ -282,7 +282,7 @@ def test_a_sweep_whose_server_is_gone_at_the_end_still_exits_non_zero_for_its_fa
     server = start_mlflow_server(port, tmp_path)
     try:
         sweep = subprocess.Popen(
-            [sys.executable, "-m", "softmaxlab", "-m", "optimizer=sgd", "optimizer.lr=1000,5000",
+            [sys.executable, "-m", "softmaxlab", "-m", "optimizer=sgd", "model.activation=elu", "optimizer.lr=1000,5000",
              *tiny_overrides("train.epochs=3"), "hydra.sweep.dir=sweep"],
             cwd=project, env=env_with_venv(MLFLOW_TRACKING_URI=uri, MLFLOW_HTTP_REQUEST_MAX_RETRIES="1"),
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
