@@ -369,3 +369,44 @@ def test_a_store_still_failing_at_the_sweeps_end_is_waited_on_once_and_loses_no_
         parent.set_failed_jobs(0)
     jobs = tracker.client.search_runs([tracker.experiment_id], "tags.job_num = '1'")
     assert [(r.info.status, r.data.tags["error"]) for r in jobs] == [("FAILED", "training diverged")]
+
+
+def test_a_sync_whose_end_of_copy_fails_leaves_no_copy_running_and_the_next_one_ends_it(
+    tmp_path, monkeypatch
+):
+    """sync ends a copy before it marks it complete: a copy whose end the target did not take
+    (the call fails once, a unit-level fault on real sqlite stores) is discarded, and the next
+    sync copies the run again, to a FINISHED copy, instead of reusing one left RUNNING."""
+    from mlflow.entities import ViewType
+    from mlflow.tracking import MlflowClient
+
+    from softmaxlab.core.errors import UserError
+    from softmaxlab.tracking import sync
+
+    local_uri, target_uri = f"sqlite:///{tmp_path / 'local.db'}", f"sqlite:///{tmp_path / 'server.db'}"
+    local = MlflowClient(local_uri)
+    exp = local.create_experiment("softmaxlab", artifact_location=str(tmp_path / "artifacts"))
+    run = local.create_run(exp, tags={sync.FALLBACK_TAG: target_uri}, run_name="fell back")
+    local.log_metric(run.info.run_id, "val/nll", 0.5)
+    local.set_terminated(run.info.run_id, "FINISHED")
+
+    real_set_terminated, calls = MlflowClient.set_terminated, []
+
+    def fails_once(self, run_id, *args, **kwargs):
+        calls.append(run_id)
+        if len(calls) == 1:
+            raise ConnectionError("connection reset by peer")
+        return real_set_terminated(self, run_id, *args, **kwargs)
+
+    with monkeypatch.context() as m:
+        m.setattr(MlflowClient, "set_terminated", fails_once)
+        with pytest.raises(UserError, match="sync stopped at run"):
+            sync.sync(target_uri, local_uri)
+    assert len(sync.sync(target_uri, local_uri)) == 1
+    server = MlflowClient(target_uri)
+    server_exp = server.get_experiment_by_name("softmaxlab").experiment_id
+    every = server.search_runs([server_exp], run_view_type=ViewType.ALL)
+    assert "RUNNING" not in [r.info.status for r in every]
+    (copy,) = server.search_runs([server_exp])
+    assert copy.info.status == "FINISHED" and copy.data.tags[sync.COMPLETE_TAG] == "true"
+    assert copy.data.metrics["val/nll"] == 0.5
