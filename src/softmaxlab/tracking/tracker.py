@@ -139,11 +139,19 @@ class Tracker:
                     self.set_tags(run.info.run_id, marks)
                 except Exception as err:
                     unrecorded, end_error = marks, err
-            try:
-                if mlflow.active_run() and mlflow.active_run().info.run_id == run.info.run_id:
-                    retry_locked(mlflow.end_run, status)
+            active = mlflow.active_run()
+            first = {"fluent": active is not None and active.info.run_id == run.info.run_id}
+
+            def end() -> None:
+                # mlflow.end_run forgets the run before it ends it: tried again (after "database
+                # is locked") it would do nothing and leave the run RUNNING. Only once, then.
+                if first.pop("fluent", False):
+                    mlflow.end_run(status)
                 else:
-                    retry_locked(self.client.set_terminated, run.info.run_id, status)
+                    self.client.set_terminated(run.info.run_id, status)
+
+            try:
+                retry_locked(end)
             except Exception as err:
                 end_error = end_error or err
             if end_error is not None:
