@@ -145,11 +145,7 @@ def settle(tracker) -> bool:
                 raise
             why = first_line(err)
             if time.monotonic() > deadline:
-                left = stranded_runs() + ([_state["parent"][1]] if _state["parent"] else [])
-                print(f"softmaxlab: warning: tracking store {redact(tracker.uri)} still fails ({why}): "
-                      f"runs {', '.join(left)} stay RUNNING; end them FAILED in the UI or with "
-                      "MlflowClient().set_terminated", file=sys.stderr, flush=True)  # fmt: skip
-                return False
+                return _still_failing(tracker, why)
             if not said:
                 print(f"softmaxlab: warning: tracking store {redact(tracker.uri)} fails ({why}); "
                       f"waiting up to {STORE_WAIT_S} s for it to end the sweep's runs", file=sys.stderr, flush=True)  # fmt: skip
@@ -163,11 +159,18 @@ def settle(tracker) -> bool:
         except Exception as err:  # still failing: the job stays on the list, for the next try
             if not is_tracking_error(err):
                 raise
-            print(f"softmaxlab: warning: tracking store {redact(tracker.uri)} fails ({first_line(err)}): "
-                  f"failed job {job[0]} is not recorded there", file=sys.stderr, flush=True)  # fmt: skip
-            return False
+            return _still_failing(tracker, first_line(err), f"failed job {job[0]} is not recorded there; ")
         _state["unrecorded"].pop(0)  # recorded: only now off the list
     return True
+
+
+def _still_failing(tracker, why: str, also: str = "") -> bool:
+    """settle's last word on a store that still fails: which runs stay RUNNING. False."""
+    left = stranded_runs() + ([_state["parent"][1]] if _state["parent"] else [])
+    print(f"softmaxlab: warning: tracking store {redact(tracker.uri)} still fails ({why}): {also}"
+          f"runs {', '.join(left)} stay RUNNING; end them FAILED in the UI or with "
+          "MlflowClient().set_terminated", file=sys.stderr, flush=True)  # fmt: skip
+    return False
 
 
 def close_parent(error: str | None = None) -> None:
