@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import subprocess
 import sys
@@ -250,3 +251,132 @@ def test_nothing_from_the_environment_reaches_the_run(tmp_path, tracking_uri, mo
         assert value not in logged, name
         assert not any(value.encode() in b for b in blobs), name
     assert "PATH" not in run.data.tags and "HOME" not in run.data.tags
+
+
+@contextlib.contextmanager
+def mlflow_server(tmp_path):
+    """A real `mlflow server` on 127.0.0.1 (test_tracking_server's), stopped by PID on the way
+    out: (port, start, stop), where start() runs it again on the same port and database."""
+    from test_tracking_server import free_port, start_mlflow_server
+
+    port, proc = free_port(), {}
+
+    def start():
+        proc["server"] = start_mlflow_server(port, tmp_path)
+
+    def stop():
+        proc["server"].terminate()
+        proc["server"].wait(timeout=60)
+
+    start()
+    try:
+        yield port, start, stop
+    finally:
+        stop()
+
+
+@pytest.mark.slow
+def test_a_store_failing_at_a_runs_end_queues_the_end_and_keeps_the_blocks_own_error(tmp_path, monkeypatch):
+    """Tracker.run's end, against a real server stopped by PID inside the block: the run (its
+    pending tags or its error) is queued and ended once the server is back, and an error of
+    the block itself is what comes out, not the store's."""
+    from mlflow.tracking import MlflowClient
+
+    from softmaxlab.tracking.server import is_tracking_error
+    from softmaxlab.tracking.tracker import PENDING_TAG, connect, end_stranded, stranded_runs
+
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")  # the stopped server is not waited on
+    with mlflow_server(tmp_path) as (port, start, stop):
+        uri = f"http://127.0.0.1:{port}"
+        cfg = compose_config(*tiny_overrides(f"tracking.uri={uri}"))
+        tracker = connect(cfg)
+        # 1. The block succeeds, later stages still to run: tagging it pending fails.
+        pending = tracker.run(cfg, run_name="pending", later_stages=("evaluate", "report"))
+        with pytest.raises(Exception) as store_error, pending as pending_id:
+            stop()
+        assert is_tracking_error(store_error.value), store_error.value
+        assert pending_id in stranded_runs()
+        # 2. The block fails; the server is gone: the block's error, not the store's.
+        start()
+        with (
+            pytest.raises(ValueError, match="the block's own error"),
+            tracker.run(cfg, run_name="fails") as failed_id,
+        ):
+            stop()
+            raise ValueError("the block's own error")
+        assert failed_id in stranded_runs()
+        # Back: both are ended, with what they could not be told at the time.
+        start()
+        assert end_stranded() == []
+        server = MlflowClient(uri)
+        ended, failed = server.get_run(pending_id), server.get_run(failed_id)
+        assert ended.info.status == "FAILED" and ended.data.tags[PENDING_TAG] == "evaluate, report"
+        assert failed.info.status == "FAILED" and failed.data.tags["error"] == "the block's own error"
+
+
+@pytest.mark.slow
+def test_a_later_stages_error_is_recorded_on_the_run_without_credentials(tmp_path, monkeypatch):
+    """evaluate or report failing under `dvc repro` records its error on the run train opened
+    (failure_recorded): an error that quotes the tracking URI loses the credentials in it."""
+    from mlflow.tracking import MlflowClient
+
+    from softmaxlab.core.io import write_json
+    from softmaxlab.tracking.server import redact
+    from softmaxlab.tracking.tracker import connect, failure_recorded, maybe_run
+
+    with mlflow_server(tmp_path) as (port, _, _):
+        uri = f"http://someone:pw-5c1e9a77d3@127.0.0.1:{port}"
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)  # credentials in the URI, from the environment
+        cfg = compose_config(*tiny_overrides())
+        monkeypatch.chdir(tmp_path)  # the stage's workspace, where train.json is
+        tracker = connect(cfg)
+        with maybe_run(tracker, cfg) as run_id:  # train: the run stays pending
+            pass
+        info = {"run_id": run_id, "experiment_id": tracker.experiment_id, "tracking_uri": redact(uri)}
+        write_json(tmp_path / cfg.paths.train_info, info)
+        with pytest.raises(RuntimeError), failure_recorded(cfg, "report"):
+            raise RuntimeError(f"API request to {uri}/api/2.0/mlflow/runs/get failed")
+        run = MlflowClient(f"http://127.0.0.1:{port}").get_run(run_id)
+    assert run.info.status == "FAILED" and run.data.tags["pipeline.failed_stage"] == "report"
+    assert run.data.tags["error"].startswith("report: API request to http://***@127.0.0.1")
+    written = " ".join([*run.data.tags.values(), *run.data.params.values()])
+    assert "pw-5c1e9a77d3" not in written
+
+
+@pytest.mark.slow
+def test_with_early_stopping_the_kept_weights_are_what_is_recorded_warned_on_and_ranked_on(tmp_path):
+    """restore_best_weights keeps an earlier epoch's weights: the saved model's validation
+    accuracy is its own metric (the curves stay each epoch's, as trained), the shortfall
+    warning and train.json describe the saved model, and promote ranks on it."""
+    from softmaxlab.serving import promote
+    from softmaxlab.tracking.tracker import connect
+
+    # No epoch after the first improves val_loss by 100: the first epoch's weights are kept,
+    # well below what the data allows, while the last epoch's are close to it.
+    cfg = compose_config(*tiny_overrides(
+        "train.epochs=12", "train.early_stopping.enabled=true", "train.early_stopping.min_delta=100",
+        "train.early_stopping.patience=20", f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}",
+        "tracking.log_model=true",
+    ))  # fmt: skip
+    root = tmp_path / "run"
+    tracker = connect(cfg)
+    metrics = pipeline.run(cfg, root, tracker, run_name="kept")
+    history = pd.read_csv(root / cfg.paths.history)
+    info = json.loads((root / cfg.paths.train_info).read_text())
+    _, probs, labels = read_predictions(root / cfg.paths.predictions / "val.parquet")
+    saved = float(np.mean(probs.argmax(1) == labels))
+    last = float(history["val_accuracy"].iloc[-1])
+    assert saved == pytest.approx(history["val_accuracy"].iloc[0])  # the first epoch's weights
+    assert last >= info["val_accuracy_reference"] - training.SHORTFALL_WARNING > saved  # the case in point
+
+    run = tracker.client.get_run(metrics["run_id"])
+    assert run.data.metrics[names.VAL_ACCURACY] == pytest.approx(saved)
+    curve = tracker.client.get_metric_history(metrics["run_id"], names.CURVES["val_accuracy"])
+    assert [m.value for m in sorted(curve, key=lambda m: m.step)] == pytest.approx(
+        list(history["val_accuracy"])
+    )
+    assert info["val_accuracy"] == pytest.approx(saved)
+    assert info["warning"].startswith(f"validation accuracy {saved:.3f} is far below")
+    (candidate,) = promote.candidates(tracker.client, cfg.tracking.registered_model)
+    assert candidate.metrics[promote.VAL_ACCURACY] == pytest.approx(saved)
+    assert promote.RULE.startswith(f"highest {names.VAL_ACCURACY}")

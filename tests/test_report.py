@@ -129,3 +129,27 @@ def test_report_stage_draws_under_cprofile_as_bench_profile_runs_it(trained, tmp
     ]
     proc = run_cmd(cmd, root, env_with_venv())
     assert "report: reports/report.html" in proc.stdout and (root / "reports" / "report.html").is_file()
+
+
+@pytest.mark.slow
+@pytest.mark.jax
+def test_the_logged_model_requires_the_backend_it_was_trained_on(tmp_path):
+    # A JAX-trained run: its model's requirements pin jax, not TensorFlow (report imports no
+    # Keras, so this comes from train.backend, not from what this process has loaded).
+    import mlflow
+    from conftest import make_project, run_cmd, tiny_overrides
+    from mlflow.tracking import MlflowClient
+
+    project = make_project(tmp_path / "proj")
+    run_cmd([sys.executable, "-m", "softmaxlab", *tiny_overrides("train.backend=jax", "tracking.log_model=true")],
+            project)  # fmt: skip
+    uri = f"sqlite:///{project / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("softmaxlab").experiment_id])
+    assert run.data.tags["backend"] == "jax"
+    path = mlflow.artifacts.download_artifacts(
+        run_id=run.info.run_id, artifact_path="calibrated/requirements.txt", dst_path=str(tmp_path / "m"),
+        tracking_uri=uri,
+    )  # fmt: skip
+    pinned = {line.split("==")[0] for line in Path(path).read_text().splitlines() if "==" in line}
+    assert {"jax", "jaxlib", "keras", "mlflow"} <= pinned and "tensorflow" not in pinned, pinned

@@ -8,7 +8,7 @@ import time
 
 import pandas as pd
 import pytest
-from conftest import ROOT, copy_project, make_project, run_cmd, tiny_overrides
+from conftest import ROOT, compose_config, copy_project, make_project, run_cmd, tiny_overrides
 
 
 def sweep(project, *args):
@@ -243,3 +243,170 @@ def test_optuna_preset_runs_tiny_and_picks_on_the_validation_objective(tmp_path)
     summary = pd.read_csv(project / "sweep" / "summary.csv")
     best = summary.sort_values(["val_nll", "job"]).iloc[0]
     assert parent["tags.best.job"] == str(best["job"]) and parent["tags.best.objective"] == "val/nll"
+
+
+@pytest.mark.slow
+def test_a_sweep_whose_jobs_all_fail_exits_non_zero_with_tracking_off(tmp_path):
+    # lr=1000 and 5000 with SGD (ELU: the ReLUs would die instead) diverge: every job fails alone, and the sweep says so in its
+    # exit code without MLflow to count them.
+    project = make_project(tmp_path / "proj")
+    proc = run_cmd(["python", "-m", "softmaxlab", "-m", "optimizer=sgd", "model.activation=elu", "optimizer.lr=1000,5000",
+                    *tiny_overrides("train.epochs=3"), "tracking.enabled=false", "hydra.sweep.dir=sweep"],
+                   project, check=False)  # fmt: skip
+    assert proc.returncode == 1, proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("softmaxlab: error:")]
+    assert len(errors) == 2 and all("diverged" in e for e in errors), proc.stderr
+    assert "2 job(s) failed" in proc.stderr and "Traceback" not in proc.stderr
+    assert not (project / "mlflow.db").exists()
+    # The same sweep dir used again by a sweep that succeeds: the earlier failures do not count.
+    again = run_cmd(["python", "-m", "softmaxlab", "-m", "seed=0", *tiny_overrides(), "tracking.enabled=false",
+                     "hydra.sweep.dir=sweep"], project, check=False)  # fmt: skip
+    assert again.returncode == 0, again.stderr
+
+
+@pytest.mark.slow
+def test_a_sweep_whose_server_is_gone_at_the_end_still_exits_non_zero_for_its_failed_jobs(tmp_path):
+    """A real `mlflow server`, stopped by PID once the sweep's parent run is on it: the jobs
+    fail (they diverge) into the local store, and the MLflow summary, which counted failed jobs,
+    cannot be written. The exit code still says they failed."""
+    import subprocess
+    import sys
+
+    from conftest import env_with_venv
+    from mlflow.tracking import MlflowClient
+    from test_tracking_server import free_port, start_mlflow_server
+
+    port = free_port()
+    uri = f"http://127.0.0.1:{port}"
+    project = make_project(tmp_path / "proj")
+    server = start_mlflow_server(port, tmp_path)
+    try:
+        sweep = subprocess.Popen(
+            [sys.executable, "-m", "softmaxlab", "-m", "optimizer=sgd", "model.activation=elu", "optimizer.lr=1000,5000",
+             *tiny_overrides("train.epochs=3"), "hydra.sweep.dir=sweep"],
+            cwd=project, env=env_with_venv(MLFLOW_TRACKING_URI=uri, MLFLOW_HTTP_REQUEST_MAX_RETRIES="1"),
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        remote, deadline = MlflowClient(uri), time.time() + 300
+        while time.time() < deadline and sweep.poll() is None:
+            exp = remote.get_experiment_by_name("softmaxlab")
+            if exp and remote.search_runs([exp.experiment_id], "tags.sweep_overrides != ''"):
+                break  # the parent run is there; no job has logged yet
+            time.sleep(0.1)
+    finally:
+        server.terminate()
+        server.wait(timeout=60)
+    try:
+        _, err = sweep.communicate(timeout=600)
+    finally:
+        sweep.kill()
+    assert "unreachable" in err and "softmaxlab sync" in err, err
+    assert sweep.returncode == 1, err
+    assert "2 job(s) failed" in err and "Traceback" not in err
+
+
+@pytest.mark.slow
+def test_a_sweep_dir_with_a_quote_in_its_name_still_finds_its_runs(tmp_path):
+    # The sweep id comes from the sweep dir's name and goes into MLflow filter strings.
+    project = make_project(tmp_path / "proj")
+    proc = run_cmd(["python", "-m", "softmaxlab", "-m", "seed=0", *tiny_overrides(),
+                    "hydra.sweep.dir=\"o'neil sweep\""], project, check=False)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    parent = check_parent_and_children(project, 1)
+    assert parent["tags.sweep_id"].startswith("o_neil_sweep-")
+    assert len(pd.read_csv(project / "o'neil sweep" / "summary.csv")) == 1
+
+
+@pytest.mark.slow
+def test_a_store_still_failing_at_the_sweeps_end_is_waited_on_once_and_loses_no_failed_job(
+    tmp_path, monkeypatch, capsys
+):
+    """The sweep's end against a real sqlite store that another process holds locked: the
+    store is waited on once (one warning, not a second wait in close_parent), and a failed job
+    the store could not record stays queued until it can."""
+    import sqlite3
+
+    from omegaconf import OmegaConf
+
+    from softmaxlab.sweeps import parent
+    from softmaxlab.sweeps.callback import SweepCallback
+    from softmaxlab.tracking.tracker import connect
+
+    db = tmp_path / "mlflow.db"
+    cfg = compose_config(*tiny_overrides(f"tracking.uri=sqlite:///{db}"))
+    tracker = connect(cfg)
+    config = OmegaConf.create(
+        {"hydra": {"sweep": {"dir": str(tmp_path / "sweep")}, "overrides": {"task": ["seed=0,1"]}}}
+    )
+    for name in (parent.ENV_PARENT, parent.ENV_STORE):
+        monkeypatch.setenv(name, "")  # open_parent sets them; restored after the test
+    monkeypatch.setenv(parent.ENV_SWEEP, "sweep-test")
+    monkeypatch.setattr(
+        parent, "STORE_WAIT_S", 0
+    )  # the failure is real; how long it is waited on is not the point
+    parent.set_failed_jobs(0)
+    parent.open_parent(config, cfg, tracker, "sweep-test")
+    parent.defer_failed_job(1, "seed=1", "training diverged")  # job 1 failed while the store did too
+    holder = sqlite3.connect(db, timeout=0, isolation_level=None)
+    try:
+        # 1. Another process holds the whole database: reads fail too.
+        holder.execute("BEGIN EXCLUSIVE")
+        SweepCallback().on_multirun_end(config)
+        assert parent.current_parent() is None
+        parent.close_parent()  # as hydra_main does after the sweep
+        err = capsys.readouterr().err
+        assert len([line for line in err.splitlines() if "still fails" in line]) == 1, err
+        assert parent.failed_jobs() >= 1
+        # 2. It holds the write lock only: the store reads, but cannot record job 1.
+        holder.execute("ROLLBACK")
+        holder.execute("BEGIN IMMEDIATE")
+        assert not parent.settle(tracker)
+        # 3. Free again: job 1 is recorded, once.
+        holder.execute("ROLLBACK")
+        assert parent.settle(tracker)
+    finally:
+        holder.close()
+        parent.set_failed_jobs(0)
+    jobs = tracker.client.search_runs([tracker.experiment_id], "tags.job_num = '1'")
+    assert [(r.info.status, r.data.tags["error"]) for r in jobs] == [("FAILED", "training diverged")]
+
+
+def test_a_sync_whose_end_of_copy_fails_leaves_no_copy_running_and_the_next_one_ends_it(
+    tmp_path, monkeypatch
+):
+    """sync ends a copy before it marks it complete: a copy whose end the target did not take
+    (the call fails once, a unit-level fault on real sqlite stores) is discarded, and the next
+    sync copies the run again, to a FINISHED copy, instead of reusing one left RUNNING."""
+    from mlflow.entities import ViewType
+    from mlflow.tracking import MlflowClient
+
+    from softmaxlab.core.errors import UserError
+    from softmaxlab.tracking import sync
+
+    local_uri, target_uri = f"sqlite:///{tmp_path / 'local.db'}", f"sqlite:///{tmp_path / 'server.db'}"
+    local = MlflowClient(local_uri)
+    exp = local.create_experiment("softmaxlab", artifact_location=str(tmp_path / "artifacts"))
+    run = local.create_run(exp, tags={sync.FALLBACK_TAG: target_uri}, run_name="fell back")
+    local.log_metric(run.info.run_id, "val/nll", 0.5)
+    local.set_terminated(run.info.run_id, "FINISHED")
+
+    real_set_terminated, calls = MlflowClient.set_terminated, []
+
+    def fails_once(self, run_id, *args, **kwargs):
+        calls.append(run_id)
+        if len(calls) == 1:
+            raise ConnectionError("connection reset by peer")
+        return real_set_terminated(self, run_id, *args, **kwargs)
+
+    with monkeypatch.context() as m:
+        m.setattr(MlflowClient, "set_terminated", fails_once)
+        with pytest.raises(UserError, match="sync stopped at run"):
+            sync.sync(target_uri, local_uri)
+    assert len(sync.sync(target_uri, local_uri)) == 1
+    server = MlflowClient(target_uri)
+    server_exp = server.get_experiment_by_name("softmaxlab").experiment_id
+    every = server.search_runs([server_exp], run_view_type=ViewType.ALL)
+    assert "RUNNING" not in [r.info.status for r in every]
+    (copy,) = server.search_runs([server_exp])
+    assert copy.info.status == "FINISHED" and copy.data.tags[sync.COMPLETE_TAG] == "true"
+    assert copy.data.metrics["val/nll"] == 0.5

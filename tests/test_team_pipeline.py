@@ -251,8 +251,8 @@ def test_every_sweep_kind_logs_to_the_team_server(team_stack, tmp_path):
 
 @pytest.mark.xdist_group(OWN_TEAM_STACK)
 def test_postgres_restarting_mid_sweep_leaves_no_run_running(team_stack, tmp_path):
-    """The server's database restarts while jobs log: MLflow's retries ride it out, or the job
-    fails alone with its error; no run is left RUNNING."""
+    """The server's database restarts while jobs log: MLflow's retries (about 30 s, see
+    tracking.tracker.connect) ride it out, so every job and the sweep finish, and exit 0."""
     from mlflow.tracking import MlflowClient
 
     env = env_with_venv(**team_stack.env)
@@ -270,16 +270,16 @@ def test_postgres_restarting_mid_sweep_leaves_no_run_running(team_stack, tmp_pat
         out, err = sweep.communicate(timeout=600)
     finally:
         sweep.kill()
-    assert sweep.returncode in (0, 1), err
+    assert sweep.returncode == 0, err
     runs = the_run(server, experiment, sweep_id=sid)
     jobs = [r for r in runs if "job_num" in r.data.tags]
     assert sorted(int(r.data.tags["job_num"]) for r in jobs) == [0, 1, 2]
-    for r in runs:
-        assert r.info.status in ("FINISHED", "FAILED"), (r.data.tags.get("job_num"), r.info.status)
-        if r.info.status == "FAILED" and "job_num" in r.data.tags:
-            assert r.data.tags.get("error"), r.data.tags
-    # The exit code says whether every job finished.
-    assert (sweep.returncode == 0) == all(r.info.status == "FINISHED" for r in jobs)
+    for r in runs:  # the jobs and the parent
+        assert r.info.status == "FINISHED", (
+            r.data.tags.get("job_num"),
+            r.info.status,
+            r.data.tags.get("error"),
+        )
 
 
 @pytest.mark.xdist_group(OWN_TEAM_STACK)

@@ -38,8 +38,10 @@ def test_ci(name: str, end: str, scaled: bool = False) -> str:
 # Fitted on the validation split; shown with the after-scaling metrics it produces.
 TEMPERATURE = "test_ts/temperature"
 TEMPERATURE_AT_BOUND = "test_ts/temperature_at_bound"  # 1.0 when the fit stopped at its bound
-# evaluate's metrics of the validation split (the objectives below).
+# evaluate's metrics of the validation split (the objectives below), all of the saved model:
+# with early stopping's restore_best_weights, the kept weights, not the last epoch's.
 VAL_NLL, VAL_ECE, VAL_BRIER = "val/nll", "val/ece", "val/brier"
+VAL_ACCURACY = "val/accuracy"  # the saved model's; curves/val_accuracy is each epoch's, as trained
 # The training curves, one point per epoch: column of reports/history.csv -> MLflow name. The
 # loss is the training loss as configured (focal or label-smoothed when train.loss says so);
 # evaluate's NLL is test/nll and val/nll.
@@ -84,4 +86,4 @@ def evaluate_names(with_intervals: bool = True) -> list[str]:
         names += [test(k, scaled) for k in CALIBRATION]
         if with_intervals:
             names += [test_ci(k, end, scaled) for k in CALIBRATION for end in CI_ENDS]
-    return [*names, TEMPERATURE, TEMPERATURE_AT_BOUND, VAL_NLL, VAL_ECE, VAL_BRIER]
+    return [*names, TEMPERATURE, TEMPERATURE_AT_BOUND, VAL_ACCURACY, VAL_NLL, VAL_ECE, VAL_BRIER]

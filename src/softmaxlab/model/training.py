@@ -34,7 +34,7 @@ import pandas as pd
 from softmaxlab.core import calibration
 from softmaxlab.core.config import Config, TrainConfig, fit_size
 from softmaxlab.core.errors import UserError
-from softmaxlab.core.io import FEATURES, predictions_frame, prob_columns
+from softmaxlab.core.io import FEATURES, n_classes_of, predictions_frame, prob_columns
 from softmaxlab.core.metrics import HISTORY_COLUMNS
 from softmaxlab.model import backend
 from softmaxlab.model.network import build_loss, build_model, build_optimizer, keras_for, logits_model
@@ -225,9 +225,16 @@ def train(cfg: Config, train_df: pd.DataFrame, test_df: pd.DataFrame, progress: 
     return result
 
 
+def val_accuracy(result: TrainResult) -> float:
+    """The saved model's validation accuracy: with early stopping's restore_best_weights that
+    of the kept weights, which the last epoch's (the history's last row) need not be."""
+    val = result.predictions["val"]
+    return calibration.accuracy(val[prob_columns(n_classes_of(val))].to_numpy(), val["label"].to_numpy())
+
+
 def shortfall(result: TrainResult) -> str | None:
-    """A warning when training ended far below what the data allows, else None."""
-    val_acc = float(result.history["val_accuracy"].iloc[-1])
+    """A warning when the saved model is far below what the data allows, else None."""
+    val_acc = val_accuracy(result)
     ref = result.info.get("val_accuracy_reference")
     if ref is None or val_acc >= ref - SHORTFALL_WARNING:
         return None

@@ -20,13 +20,15 @@ from softmaxlab.core import metrics as names
 from softmaxlab.core.errors import UserError
 
 ALIAS = "champion"
-# The run metrics the rule reads: the final epoch's validation accuracy (training curves),
-# evaluate's validation NLL, and whether the temperature fit stopped at its search bound.
-VAL_ACCURACY, VAL_NLL, AT_BOUND = names.CURVES["val_accuracy"], names.VAL_NLL, names.TEMPERATURE_AT_BOUND
+# The run metrics the rule reads, all of the saved (registered) model: evaluate's validation
+# accuracy and NLL (with early stopping, of the kept weights, not the last epoch's), and
+# whether the temperature fit stopped at its search bound.
+VAL_ACCURACY, VAL_NLL, AT_BOUND = names.VAL_ACCURACY, names.VAL_NLL, names.TEMPERATURE_AT_BOUND
 SHOWN = (names.TEMPERATURE, names.test("accuracy"), names.test("nll"))
 RULE = (
-    f"highest {VAL_ACCURACY}, then lowest {VAL_NLL}, then newest version; only versions whose run "
-    "FINISHED and whose temperature is not at its search bound; test metrics are not used"
+    f"highest {VAL_ACCURACY}, then lowest {VAL_NLL} (both of the saved model), then newest version; "
+    "only versions whose run FINISHED and whose temperature is not at its search bound; "
+    "test metrics are not used"
 )
 
 

@@ -64,6 +64,7 @@ def evaluate(val: Split, test: Split, cfg: EvaluateConfig, seed: int) -> EvalRes
     metrics[names.TEMPERATURE] = float(temperature)
     metrics[names.TEMPERATURE_AT_BOUND] = float(calibration.at_bound(temperature))
     val_probs = calibration.softmax(val_logits)
+    metrics[names.VAL_ACCURACY] = calibration.accuracy(val_probs, val_labels)
     metrics[names.VAL_NLL] = calibration.nll_from_logits(val_logits, val_labels)
     metrics[names.VAL_ECE] = calibration.ece(val_probs, val_labels, cfg.n_bins)
     metrics[names.VAL_BRIER] = calibration.brier(val_probs, val_labels)

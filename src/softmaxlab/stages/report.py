@@ -200,6 +200,8 @@ def description(cfg: Config, metrics: dict[str, float]) -> str:
 
 # The run's logged model: calibrated probabilities, see serve_model.py.
 CALIBRATED_MODEL = "calibrated"
+# What the logged model's requirements pin for each train.backend.
+BACKEND_PACKAGES = {"tensorflow": ("tensorflow",), "jax": ("jax", "jaxlib")}
 
 
 def log_calibrated_model(
@@ -231,8 +233,11 @@ def log_calibrated_model(
             [*(ColSpec("double", c) for c in classes), ColSpec("long", serve_model.PREDICTED_CLASS)]
         ),
     )
-    # Pinned from the running versions: inferring requirements costs seconds.
-    reqs = [f"{p}=={version(p)}" for p in ("mlflow", "keras", "tensorflow", "numpy", "pandas")]
+    # Pinned from the running versions: inferring requirements costs seconds. The backend is
+    # the one the model was trained on (this process may not have it loaded: report imports
+    # no Keras).
+    backend_packages = BACKEND_PACKAGES[tracker.cfg.train.backend]
+    reqs = [f"{p}=={version(p)}" for p in ("mlflow", "keras", *backend_packages, "numpy", "pandas")]
     with tempfile.TemporaryDirectory() as tmp, _mlflow_quiet():
         local = Path(tmp) / CALIBRATED_MODEL
         mlflow.pyfunc.save_model(

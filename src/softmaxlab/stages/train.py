@@ -17,7 +17,7 @@ from softmaxlab.core.errors import UserError, entry_point
 from softmaxlab.core.io import atomic_path, file_md5, read_split, write_json, write_table
 from softmaxlab.model import backend
 from softmaxlab.model.network import keras_for
-from softmaxlab.model.training import TrainResult, shortfall, show_progress, train
+from softmaxlab.model.training import TrainResult, shortfall, show_progress, train, val_accuracy
 from softmaxlab.tracking.server import redact
 
 
@@ -88,7 +88,9 @@ def run(
         "train_seconds": round(result.train_seconds, 4),
         "epochs": int(last["epoch"]),
         "final_loss": float(last["loss"]),
-        "final_val_accuracy": float(last["val_accuracy"]),
+        # The saved model's (early stopping may have kept an earlier epoch's weights); each
+        # epoch's, as trained, is in the history.
+        "val_accuracy": val_accuracy(result),
         "val_accuracy_reference": result.info["val_accuracy_reference"],
         "warning": warning,
         "data_md5": data_md5,
@@ -104,7 +106,7 @@ def summary_line(result: TrainResult, run_id: str | None) -> str:
     last = result.history.iloc[-1]
     line = (
         f"train: {len(result.history)} epochs in {result.train_seconds:.2f} s on {result.device} "
-        f"({result.backend}); loss {last['loss']:.4f}, val_accuracy {last['val_accuracy']:.4f}"
+        f"({result.backend}); loss {last['loss']:.4f}, saved model's val_accuracy {val_accuracy(result):.4f}"
         + (f"; MLflow run {run_id}" if run_id else "")
     )
     return line + (f"\ntrain: warning: {result.info['warning']}" if result.info.get("warning") else "")

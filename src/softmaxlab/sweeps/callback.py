@@ -8,7 +8,9 @@ the parent run.
 
 from __future__ import annotations
 
+import math
 import os
+import shutil
 import sys
 import time
 import uuid
@@ -34,8 +36,13 @@ from softmaxlab.sweeps.parent import (
     settle,
     sweep_id,
 )
+from softmaxlab.sweeps.summary import sweep_id_for
 
 ENV_PROGRESS = "SOFTMAXLAB_SWEEP_PROGRESS"  # "<planned jobs> <start time>" for the k/N lines
+# In the sweep directory, one empty file per job, named by its number: the jobs done (for the
+# k/N lines) and the jobs that failed (for the exit code). Jobs may run in other processes
+# (joblib, Ray, Slurm), so they are counted in files, not in memory.
+DONE_MARKS, FAILED_MARKS = ".jobs_done", ".jobs_failed"
 
 
 class SweepCallback(Callback):
@@ -59,8 +66,10 @@ class SweepCallback(Callback):
             tracker = connect(cfg)
         except UserError as err:  # before any job and any run: the sweep is misconfigured
             fail(str(err))
-        sid = f"{Path(config.hydra.sweep.dir).name}-{uuid.uuid4().hex[:6]}"
+        sid = sweep_id_for(Path(config.hydra.sweep.dir).name, uuid.uuid4().hex[:6])
         os.environ[ENV_SWEEP] = sid
+        for kind in (DONE_MARKS, FAILED_MARKS):  # an earlier sweep's, in a sweep dir used again
+            shutil.rmtree(Path(config.hydra.sweep.dir) / kind, ignore_errors=True)
         total = planned_jobs(config)
         if total:
             os.environ[ENV_PROGRESS] = f"{total} {time.time()}"
@@ -82,17 +91,18 @@ class SweepCallback(Callback):
             fail(str(err))
 
     def on_job_end(self, config: DictConfig, job_return, **kwargs) -> None:
-        """`sweep: 3/12 jobs done, 41 s so far, about 2 min left` after every job. Jobs may
-        run in other processes (joblib), so each finished job leaves a marker in the sweep
-        directory and the count is of markers; the estimate is wall time per finished job."""
+        """A failed job leaves its marker (the sweep's exit code counts them, tracking on or
+        off), and `sweep: 3/12 jobs done, 41 s so far, about 2 min left` follows every job:
+        the count is of markers; the estimate is wall time per finished job."""
+        if config.hydra.mode != RunMode.MULTIRUN:
+            return
+        if _job_failed(job_return):
+            _mark(config, FAILED_MARKS)
         progress = os.environ.get(ENV_PROGRESS)
-        if not progress or config.hydra.mode != RunMode.MULTIRUN:
+        if not progress:
             return
         total, start = int(progress.split()[0]), float(progress.split()[1])
-        marks = Path(config.hydra.sweep.dir) / ".jobs_done"
-        marks.mkdir(parents=True, exist_ok=True)
-        (marks / str(config.hydra.job.num)).touch()
-        done = len(list(marks.iterdir()))
+        done = _mark(config, DONE_MARKS)
         elapsed = time.time() - start
         left = elapsed / done * max(total - done, 0)
         print(
@@ -103,6 +113,17 @@ class SweepCallback(Callback):
         )
 
     def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
+        # Counted from the jobs' own markers, whatever MLflow can still say: with tracking off,
+        # or its server gone by now, the exit code still says that jobs failed.
+        set_failed_jobs(failed_jobs() + _marks(config, FAILED_MARKS))
+        try:
+            self._end_parent(config)
+        finally:
+            if failed_jobs():
+                print(f"sweep {sweep_id()}: {failed_jobs()} job(s) failed (their errors are above)",
+                      file=sys.stderr, flush=True)  # fmt: skip
+
+    def _end_parent(self, config: DictConfig) -> None:
         from softmaxlab.sweeps.summary import table_text, write_summary
         from softmaxlab.tracking.server import redact
         from softmaxlab.tracking.store import runs_table_url
@@ -124,14 +145,40 @@ class SweepCallback(Callback):
             forget_parent()
             return
         if not settle(tracker):
+            # settle said which runs stay RUNNING: close_parent does not wait for the store again.
             set_failed_jobs(failed_jobs() or 1)  # unknown how many: not a success
+            forget_parent()
             return
         table = write_summary(tracker, sweep_id(), sweep_dir, run_id, job_config(config).objective)
-        set_failed_jobs(int((table["status"] != "FINISHED").sum()))
+        set_failed_jobs(max(failed_jobs(), int((table["status"] != "FINISHED").sum())))
         print(f"\nsweep {sweep_id()}: {len(table)} jobs\n{table_text(table)}")
         print(f"summary: {sweep_dir / 'summary.csv'}; runs table: "
               f"{runs_table_url(tracker.experiment_id)}")  # fmt: skip
         close_parent()
+
+
+def _job_failed(job_return) -> bool:
+    """A job that raised, or returned no objective: softmaxlab.cli.app.job returns NaN for a
+    job that failed alone (its error printed, its run FAILED)."""
+    from hydra.core.utils import JobStatus
+
+    if job_return is None or job_return.status != JobStatus.COMPLETED:
+        return True
+    value = job_return.return_value
+    return isinstance(value, float) and math.isnan(value)
+
+
+def _mark(config: DictConfig, kind: str) -> int:
+    """This job's marker of `kind`; how many jobs have one now."""
+    marks = Path(config.hydra.sweep.dir) / kind
+    marks.mkdir(parents=True, exist_ok=True)
+    (marks / str(config.hydra.job.num)).touch()
+    return _marks(config, kind)
+
+
+def _marks(config: DictConfig, kind: str) -> int:
+    marks = Path(config.hydra.sweep.dir) / kind
+    return len(list(marks.iterdir())) if marks.is_dir() else 0
 
 
 def _duration(seconds: float) -> str:

@@ -17,9 +17,9 @@ from pathlib import Path
 from omegaconf import DictConfig
 
 from softmaxlab.core.errors import first_line
-from softmaxlab.sweeps.summary import search_children
+from softmaxlab.sweeps.summary import search_children, sweep_filter
 from softmaxlab.tracking.provenance import git_state
-from softmaxlab.tracking.server import credentials_error, is_tracking_error, redact
+from softmaxlab.tracking.server import credentials_error, is_tracking_error, redact, redact_text
 from softmaxlab.tracking.store import retry_locked
 from softmaxlab.tracking.tracker import end_stranded, server_lost, stranded_runs
 
@@ -41,6 +41,7 @@ def sweep_id() -> str:
 
 
 def failed_jobs() -> int:
+    """The sweep's failed jobs counted so far in this process (lost ones, then the sweep's end)."""
     return _state["failed"]
 
 
@@ -80,15 +81,15 @@ def open_parent(config: DictConfig, cfg, tracker, sid: str) -> None:
 
 
 def _parent_store():
-    """(MlflowClient, experiment id) of the parent run's store, from the environment a job
-    inherits; None outside a sweep with a parent run."""
+    """(MlflowClient, experiment id, URI) of the parent run's store, from the environment a
+    job inherits; None outside a sweep with a parent run."""
     store = os.environ.get(ENV_STORE)
     if not store or not parent_run_id():
         return None
     from mlflow.tracking import MlflowClient
 
     experiment_id, uri = store.split(" ", 1)
-    return MlflowClient(uri), experiment_id
+    return MlflowClient(uri), experiment_id, uri
 
 
 def record_failed_job(job_num: int, overrides: str, error: str) -> None:
@@ -96,10 +97,10 @@ def record_failed_job(job_num: int, overrides: str, error: str) -> None:
     the summary, the parent's status and the exit code all see it."""
     if (store := _parent_store()) is None:
         return
-    client, experiment_id = store
+    client, experiment_id, uri = store
     tags = {
         "mlflow.parentRunId": parent_run_id(), "sweep_id": sweep_id(), "job_num": str(job_num),
-        "overrides": overrides or "(defaults)", "error": error[:5000],
+        "overrides": overrides or "(defaults)", "error": redact_text(error, uri)[:5000],
     }  # fmt: skip
     run = retry_locked(client.create_run, experiment_id, run_name=overrides or None, tags=tags)
     retry_locked(client.set_terminated, run.info.run_id, "FAILED")
@@ -109,17 +110,18 @@ def fail_lost_job(job_num: int, overrides: str, error: str) -> None:
     """A job whose process died under it (a cluster launcher lost its worker): its run, if it
     had opened one, cannot end itself and would stay RUNNING; end it FAILED with the reason.
     Without a run, record the job as a FAILED child, as record_failed_job does."""
+    _state["failed"] += 1  # in this (the launching) process: counted with tracking off too
     if (store := _parent_store()) is None:
         return
-    client, experiment_id = store
+    client, experiment_id, uri = store
     found = retry_locked(
         client.search_runs, [experiment_id],
-        f"tags.sweep_id = '{sweep_id()}' and tags.job_num = '{job_num}' and attributes.status = 'RUNNING'",
+        f"{sweep_filter(sweep_id())} and tags.job_num = '{job_num}' and attributes.status = 'RUNNING'",
     )  # fmt: skip
     if not found:
         record_failed_job(job_num, overrides, error)
     for run in found:
-        retry_locked(client.set_tag, run.info.run_id, "error", error[:5000])
+        retry_locked(client.set_tag, run.info.run_id, "error", redact_text(error, uri)[:5000])
         retry_locked(client.set_terminated, run.info.run_id, "FAILED")
 
 
@@ -143,11 +145,7 @@ def settle(tracker) -> bool:
                 raise
             why = first_line(err)
             if time.monotonic() > deadline:
-                left = stranded_runs() + ([_state["parent"][1]] if _state["parent"] else [])
-                print(f"softmaxlab: warning: tracking store {redact(tracker.uri)} still fails ({why}): "
-                      f"runs {', '.join(left)} stay RUNNING; end them FAILED in the UI or with "
-                      "MlflowClient().set_terminated", file=sys.stderr, flush=True)  # fmt: skip
-                return False
+                return _still_failing(tracker, why)
             if not said:
                 print(f"softmaxlab: warning: tracking store {redact(tracker.uri)} fails ({why}); "
                       f"waiting up to {STORE_WAIT_S} s for it to end the sweep's runs", file=sys.stderr, flush=True)  # fmt: skip
@@ -155,8 +153,24 @@ def settle(tracker) -> bool:
             time.sleep(3)
     end_stranded()
     while _state["unrecorded"]:
-        record_failed_job(*_state["unrecorded"].pop(0))
+        job = _state["unrecorded"][0]
+        try:
+            record_failed_job(*job)
+        except Exception as err:  # still failing: the job stays on the list, for the next try
+            if not is_tracking_error(err):
+                raise
+            return _still_failing(tracker, first_line(err), f"failed job {job[0]} is not recorded there; ")
+        _state["unrecorded"].pop(0)  # recorded: only now off the list
     return True
+
+
+def _still_failing(tracker, why: str, also: str = "") -> bool:
+    """settle's last word on a store that still fails: which runs stay RUNNING. False."""
+    left = stranded_runs() + ([_state["parent"][1]] if _state["parent"] else [])
+    print(f"softmaxlab: warning: tracking store {redact(tracker.uri)} still fails ({why}): {also}"
+          f"runs {', '.join(left)} stay RUNNING; end them FAILED in the UI or with "
+          "MlflowClient().set_terminated", file=sys.stderr, flush=True)  # fmt: skip
+    return False
 
 
 def close_parent(error: str | None = None) -> None:

@@ -23,6 +23,21 @@ SUMMARY_COLUMNS = {
     "run_id": "run_id",
 }
 SIGNIFICANT = 4  # digits of every number the summary shows
+# A sweep id (`<sweep dir's name>-<hex>`, on_multirun_start) has these characters only: it goes
+# into MLflow filter strings between quotes, which MLflow's parser has no way to escape.
+SWEEP_ID_CHARS = r"[\w.:-]"
+
+
+def sweep_id_for(sweep_dir_name: str, suffix: str) -> str:
+    """A sweep id from its directory's name, any other character as `_`."""
+    return f"{re.sub(f'(?!{SWEEP_ID_CHARS}).', '_', sweep_dir_name)}-{suffix}"
+
+
+def sweep_filter(sid: str) -> str:
+    """The MLflow filter on a sweep's runs; a one-line UserError if `sid` cannot be a sweep id."""
+    if not re.fullmatch(f"{SWEEP_ID_CHARS}+", sid):
+        raise UserError(f"sweep id {sid!r} is not valid: it has letters, digits, '-', '_', '.' and ':' only")
+    return f"tags.sweep_id = '{sid}'"
 
 
 def _sweep_runs(tracker, sid: str, where: str) -> pd.DataFrame:
@@ -34,7 +49,7 @@ def _sweep_runs(tracker, sid: str, where: str) -> pd.DataFrame:
     use_uri(tracker.uri)  # a job that fell back moved the process-wide URI
     return mlflow.search_runs(
         experiment_ids=[tracker.experiment_id],
-        filter_string=f"tags.sweep_id = '{sid}' and {where}",
+        filter_string=f"{sweep_filter(sid)} and {where}",
         output_format="pandas",
     )
 
@@ -172,10 +187,7 @@ def summarize_cli(args: list[str]) -> None:
     if not args or len(args) > 2:
         raise UserError("usage: softmaxlab summarize SWEEP_ID [OUT_DIR]")
     sid = args[0]
-    # Sweep ids are `<time>-<hex>` (on_multirun_start); anything else cannot be one, and a
-    # quote would break MLflow's search filter.
-    if not re.fullmatch(r"[\w.:-]+", sid):
-        raise UserError(f"sweep id {sid!r} is not valid: it has letters, digits, '-', '_', '.' and ':' only")
+    sweep_filter(sid)  # refused here, before connecting, if it cannot be a sweep id
     cfg = load_params(project_root() / "params.yaml")
     tracker = connect(cfg)
     if tracker is None:

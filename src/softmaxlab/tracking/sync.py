@@ -25,8 +25,9 @@ COMPLETE_TAG = "tracking.sync_complete"
 
 
 def _copy_run(src, dst, run, experiment_id: str) -> str:
-    """Copy one run; the copy is marked complete last. A copy that fails half-way is ended
-    FAILED and deleted on the server (if it still answers), and the next sync replaces it."""
+    """Copy one run; the copy is ended with the run's status, then marked complete, last. A
+    copy that fails half-way (its end included) is ended FAILED and deleted on the server (if
+    it still answers), and the next sync replaces it."""
     skip = {FALLBACK_TAG, SYNCED_TAG, "mlflow.runName"}
     tags = {k: v for k, v in run.data.tags.items() if k not in skip}
     tags[COPY_TAG] = run.info.run_id
@@ -35,11 +36,13 @@ def _copy_run(src, dst, run, experiment_id: str) -> str:
     try:
         _copy_contents(src, dst, run, rid)
         _register_copy(src, dst, run, rid)
+        # Ended before it is marked complete: a complete copy, which later syncs reuse, is
+        # never one left RUNNING.
+        dst.set_terminated(rid, run.info.status, end_time=run.info.end_time)
         dst.set_tag(rid, COMPLETE_TAG, "true")
     except BaseException:
         _discard(dst, rid)
         raise
-    dst.set_terminated(rid, run.info.status, end_time=run.info.end_time)
     return rid
 
 
@@ -102,10 +105,11 @@ def _register_copy(src, dst, run, rid: str) -> None:
 
 def _previous_copy(dst, experiment_id: str, local_run_id: str) -> str | None:
     """The server's complete copy of a local run from an earlier sync (whose local tag was not
-    written, e.g. the local store failed), else None; incomplete copies are deleted."""
+    written, e.g. the local store failed), else None; incomplete copies are deleted. (A copy
+    marked complete but still RUNNING, left by a sync before its end came first, is one.)"""
     complete = None
     for r in dst.search_runs([experiment_id], filter_string=f"tags.`{COPY_TAG}` = '{local_run_id}'"):
-        if r.data.tags.get(COMPLETE_TAG) == "true" and complete is None:
+        if r.data.tags.get(COMPLETE_TAG) == "true" and r.info.status != "RUNNING" and complete is None:
             complete = r.info.run_id
         else:
             _discard(dst, r.info.run_id)

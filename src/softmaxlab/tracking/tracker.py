@@ -108,10 +108,11 @@ class Tracker:
                 raise refused from None
             raise
         self.last_run_id = run.info.run_id
-        status, message = "FINISHED", None
+        status, message, body_done = "FINISHED", None, False
         try:
             self.log_params(run.info.run_id, cfg)
             yield run.info.run_id
+            body_done = True
         except KeyboardInterrupt:
             status = "KILLED"
             raise
@@ -123,23 +124,43 @@ class Tracker:
                 message = None  # recorded
             raise
         finally:
+            # Guarded: whatever the store does, the run is ended or queued to be ended
+            # (end_stranded), and an error of the block is never replaced by the store's.
+            unrecorded = {ERROR_TAG: message} if message else {}
+            end_error = None
             if status == "FINISHED" and later_stages:
                 pending = ", ".join(later_stages)
-                self.set_tags(run.info.run_id, {
+                marks = {
                     PENDING_TAG: pending,
                     NOTE_TAG: f"Not complete: {pending} still to run (FAILED until report is done).",
-                })  # fmt: skip
+                }
                 status = "FAILED"
-            try:
-                if mlflow.active_run() and mlflow.active_run().info.run_id == run.info.run_id:
-                    retry_locked(mlflow.end_run, status)
+                try:
+                    self.set_tags(run.info.run_id, marks)
+                except Exception as err:
+                    unrecorded, end_error = marks, err
+            active = mlflow.active_run()
+            first = {"fluent": active is not None and active.info.run_id == run.info.run_id}
+
+            def end() -> None:
+                # mlflow.end_run forgets the run before it ends it: tried again (after "database
+                # is locked") it would do nothing and leave the run RUNNING. Only once, then.
+                if first.pop("fluent", False):
+                    mlflow.end_run(status)
                 else:
-                    retry_locked(self.client.set_terminated, run.info.run_id, status)
-            except Exception:
-                # The store did not take the run's end (say, its database was down for longer
-                # than the client's retries): end_stranded() tries again when the sweep ends.
-                _stranded.append((self.uri, run.info.run_id, status, message))
-                raise
+                    self.client.set_terminated(run.info.run_id, status)
+
+            try:
+                retry_locked(end)
+            except Exception as err:
+                end_error = end_error or err
+            if end_error is not None:
+                # The store did not take the run's end or its tags (say, its database was down
+                # for longer than the client's retries): end_stranded() tries again when the
+                # sweep ends.
+                _stranded.append((self.uri, run.info.run_id, status, unrecorded))
+                if body_done:
+                    raise end_error
 
     # -- logging ------------------------------------------------------------------------
     def log_params(self, run_id: str, cfg: Config) -> None:
@@ -222,22 +243,23 @@ class Tracker:
         self.set_tags(run_id, tags)
 
 
-# Runs whose end the store did not take: (uri, run id, status, error message not yet recorded).
-_stranded: list[tuple[str, str, str, str | None]] = []
+# Runs whose end the store did not take: (uri, run id, status, tags not yet recorded).
+_stranded: list[tuple[str, str, str, dict[str, str]]] = []
 
 
 def end_stranded() -> list[str]:
-    """End the runs the store could not end at the time (see Tracker.run), with their error;
-    returns the ids still not ended (the store is still failing)."""
+    """End the runs the store could not end at the time (see Tracker.run), with their tags
+    (error, pending stages); returns the ids still not ended (the store is still failing)."""
+    from mlflow.entities import RunTag
     from mlflow.tracking import MlflowClient
 
     pending, _stranded[:] = list(_stranded), []
     for entry in pending:
-        uri, run_id, status, message = entry
+        uri, run_id, status, tags = entry
         client = MlflowClient(uri)
         try:
-            if message:
-                client.set_tag(run_id, ERROR_TAG, message)
+            if tags:
+                client.log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
             client.set_terminated(run_id, status)
         except Exception:
             _stranded.append(entry)  # the next call tries again
@@ -326,6 +348,7 @@ def _record_failure(cfg: Config, stage: str, err: BaseException) -> None:
     tracker, run_id = reopen(cfg, read_json(info_path))
     if tracker is None or PENDING_TAG not in tracker.client.get_run(run_id).data.tags:
         return
+    # The error may quote the store's URI (MLflow's own messages do), credentials and all.
     message = redact_text(f"{stage}: {str(err).strip() or type(err).__name__}", tracker.uri)
     tracker.set_tags(
         run_id, {ERROR_TAG: message[:5000], FAILED_STAGE_TAG: stage, NOTE_TAG: f"Failed in {message}"}
