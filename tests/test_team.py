@@ -591,6 +591,35 @@ def test_the_local_mlflow_db_is_its_owners_alone(tmp_path):
     assert stat.S_IMODE((tmp_path / "mlflow.db").stat().st_mode) == 0o600
 
 
+def test_a_version_of_someone_elses_registered_model_is_refused_in_one_line(
+    auth_stack, tmp_path, monkeypatch
+):
+    import mlflow
+
+    # The admin registers the model first, so it is theirs; dave may write his own experiment
+    # but not add versions to their model: the run stops in one line and ends FAILED.
+    mlflow.set_tracking_uri(auth_stack.mlflow_url)
+    monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "admin")
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", auth_stack.secrets["admin_password"])
+    client = mlflow.MlflowClient()
+    client.create_registered_model("admins-model")
+    password = sourced(users.add_user(auth_stack, "dave"))["MLFLOW_TRACKING_PASSWORD"]
+    creds = {"MLFLOW_TRACKING_USERNAME": "dave", "MLFLOW_TRACKING_PASSWORD": password}
+    project = make_project(tmp_path / "proj", *tiny_overrides())
+    env = env_with_venv(MLFLOW_TRACKING_URI=auth_stack.mlflow_url, **creds)
+    own = ["tracking.experiment=dave-exp", "tracking.registered_model=admins-model"]
+    proc = run_cmd([sys.executable, "-m", "softmaxlab", *tiny_overrides(), *own], project, env, check=False)
+    out = proc.stdout + proc.stderr
+    err = [line for line in out.splitlines() if "may not add a version" in line]
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr
+    assert len(err) == 1, out
+    assert "user dave may not add a version to registered model 'admins-model' (HTTP 403)" in err[0], out
+    assert password not in proc.stdout + proc.stderr
+    (run,) = client.search_runs([client.get_experiment_by_name("dave-exp").experiment_id])
+    assert run.info.status == "FAILED"
+    assert client.search_model_versions("name = 'admins-model'") == []
+
+
 def test_auth_mode_puts_no_credential_in_process_listings_or_logs(auth_stack):
     listing = process_listing()
     assert f"--port {auth_stack.ports['mlflow']}" in listing  # the server is in it

@@ -254,10 +254,18 @@ def log_calibrated_model(
             pip_requirements=reqs,
         )
         retry_locked(tracker.client.log_artifacts, run_id, str(local), CALIBRATED_MODEL)
-    with _mlflow_quiet():
-        registered = retry_locked(
-            mlflow.register_model, f"runs:/{run_id}/{CALIBRATED_MODEL}", tracker.cfg.tracking.registered_model
-        )
+    from mlflow.exceptions import MlflowException
+
+    from softmaxlab.tracking.server import registry_refusal
+
+    name = tracker.cfg.tracking.registered_model
+    try:
+        with _mlflow_quiet():
+            registered = retry_locked(mlflow.register_model, f"runs:/{run_id}/{CALIBRATED_MODEL}", name)
+    except MlflowException as err:
+        if refused := registry_refusal(err, tracker.uri, name):
+            raise refused from None
+        raise
     print(
         f"report: calibrated model (T={temperature:.3f}) registered as "
         f"{tracker.cfg.tracking.registered_model} version {registered.version}"

@@ -157,9 +157,7 @@ def credentials_error(err: BaseException, uri: str, experiment: str) -> UserErro
 def login_refused(code: int, uri: str, experiment: str | None = None) -> UserError:
     """HTTP 401 or 403 from the server at `uri` in one line naming what to set: for a request
     in `experiment`, or (None) at the door, before any experiment (a login in front of it)."""
-    from urllib.parse import unquote, urlsplit
-
-    user = os.environ.get("MLFLOW_TRACKING_USERNAME") or unquote(urlsplit(uri).username or "")
+    user = login_user(uri)
     server = f"MLflow server {redact(uri)}"
     if code == 401 and not user:
         return UserError(
@@ -180,6 +178,27 @@ def login_refused(code: int, uri: str, experiment: str | None = None) -> UserErr
         f"{server}: user {user or '(none)'} may not write to experiment {experiment!r} (HTTP 403): "
         f"its owner or an admin grants it (`softmaxlab team grant {user or 'USER'} {experiment} EDIT`), "
         "or choose another tracking.experiment"
+    )
+
+
+def login_user(uri: str) -> str:
+    """Who the client logs in as: MLFLOW_TRACKING_USERNAME, or the URI's user ("" if none)."""
+    from urllib.parse import unquote, urlsplit
+
+    return os.environ.get("MLFLOW_TRACKING_USERNAME") or unquote(urlsplit(uri).username or "")
+
+
+def registry_refusal(err: BaseException, uri: str, model: str) -> UserError | None:
+    """The server's refusal to add a version to registered model `model` in one line (HTTP 403:
+    on a server with logins the model belongs to whoever registered it first), or None."""
+    code = refusal(err)
+    if code != 403:
+        return None if code is None else login_refused(code, uri)
+    user = login_user(uri) or "(none)"
+    return UserError(
+        f"MLflow server {redact(uri)}: user {user} may not add a version to registered model {model!r} "
+        "(HTTP 403): its owner or an admin grants it EDIT on the model, or choose another "
+        "tracking.registered_model"
     )
 
 
