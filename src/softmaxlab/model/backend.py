@@ -83,18 +83,26 @@ def native_stderr_hushed(enabled: bool):
 
 
 @contextlib.contextmanager
-def hidden(module: str):
+def hidden(*modules: str):
     """While the block runs, `import <module>` fails as if it were not installed; afterwards
-    it works again. Where the module is already loaded, nothing is hidden."""
-    if module in sys.modules:
-        yield
-        return
-    sys.modules[module] = None  # the import system's "known to be missing"
+    it works again. A module already loaded is not hidden."""
+    hiding = [m for m in modules if m not in sys.modules]
+    for module in hiding:
+        sys.modules[module] = None  # the import system's "known to be missing"
     try:
         yield
     finally:
-        if sys.modules.get(module, 0) is None:
-            del sys.modules[module]
+        for module in hiding:
+            if sys.modules.get(module, 0) is None:
+                del sys.modules[module]
+
+
+def optional_imports_of(name: str) -> tuple[str, ...]:
+    """What importing Keras on backend `name` would load for features we never use, each
+    behind Keras' or TensorFlow's own `except ImportError`: scikit-learn and SciPy's stats
+    (Keras' scikit-learn wrappers, ~1.4 s), pyplot (its image-gallery helper, ~0.5 s) and,
+    on TensorFlow with the JAX extra installed, JAX (TF Lite's converter, ~1 s)."""
+    return ("sklearn", "matplotlib") + (("jax",) if name == "tensorflow" else ())
 
 
 @functools.cache
@@ -108,7 +116,7 @@ def keras_module(name: str):
     if quiet:
         os.environ["TF_CPP_MIN_LOG_LEVEL"] = os.environ["_SOFTMAXLAB_TF_LOG_LEVEL"] = "3"
     try:
-        with native_stderr_hushed(quiet), hidden("sklearn"):
+        with native_stderr_hushed(quiet), hidden(*optional_imports_of(name)):
             import keras
 
             if name == "tensorflow":
