@@ -13,14 +13,16 @@ import os
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import pandas as pd
 
 from softmaxlab.core.checks import distribution_fault, label_outside
 from softmaxlab.core.errors import UserError
 from softmaxlab.core.metrics import HISTORY_COLUMNS
+
+if TYPE_CHECKING:  # imported where used: the check stage needs this module, not pandas (0.5 s)
+    import pandas as pd
 
 FEATURES = ("x1", "x2")
 
@@ -104,6 +106,8 @@ def file_md5(*paths: str | os.PathLike) -> str:
 def read_split(path: str | os.PathLike, n_classes: int | None = None) -> pd.DataFrame:
     """Read a data split and refuse anything but columns x1, x2 (finite floats), label (ints
     in [0, n_classes)), at least one row."""
+    import pandas as pd
+
     path = Path(path)
     df = read_output(path, pd.read_parquet, "data file", "generate")
     expected = [*FEATURES, "label"]
@@ -145,6 +149,8 @@ def logit_columns(k: int) -> list[str]:
 
 
 def predictions_frame(logits: np.ndarray, probs: np.ndarray, labels: np.ndarray) -> pd.DataFrame:
+    import pandas as pd
+
     k = probs.shape[1]
     df = pd.DataFrame(probs, columns=prob_columns(k))
     df[logit_columns(k)] = logits
@@ -173,6 +179,8 @@ def _check_probabilities(path, probs: np.ndarray, atol: float = 1e-3) -> None:
 
 def read_predictions(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(logits, probs, labels) from a predictions file written by the train stage."""
+    import pandas as pd
+
     df = read_output(path, pd.read_parquet, "predictions", "train")
     k = n_classes_of(df)
     _require_columns(path, df, [*prob_columns(k), *logit_columns(k), "label"], k)
@@ -184,6 +192,8 @@ def read_predictions(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray, n
 def read_grid(path: str | os.PathLike) -> pd.DataFrame:
     """The train stage's predictions over a grid of the input plane: x1, x2, p0..p{k-1}, one
     row per point of a full grid (the landscape is drawn from it as an image)."""
+    import pandas as pd
+
     df = read_output(path, pd.read_parquet, "grid predictions", "train")
     k = n_classes_of(df)
     _require_columns(path, df, [*FEATURES, *prob_columns(k)], k)
@@ -198,6 +208,8 @@ def read_grid(path: str | os.PathLike) -> pd.DataFrame:
 
 def read_history(path: str | os.PathLike) -> pd.DataFrame:
     """The train stage's per-epoch history: one row per epoch, HISTORY_COLUMNS at least."""
+    import pandas as pd
+
     df = read_output(path, pd.read_csv, "training history", "train")
     missing = [c for c in HISTORY_COLUMNS if c not in df.columns]
     if missing or df.empty:

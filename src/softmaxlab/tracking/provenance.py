@@ -76,6 +76,7 @@ def dataset_inputs(cfg: Config, root: Path, frames: dict[str, Any]) -> list:
     version (data_location)."""
     import mlflow.data
     from mlflow.entities import DatasetInput, InputTag
+    from mlflow.models import infer_signature
     from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
 
     from softmaxlab.core.io import file_md5
@@ -93,6 +94,10 @@ def dataset_inputs(cfg: Config, root: Path, frames: dict[str, Any]) -> list:
                 df, source=data_location(root, rel, md5), targets="label",
                 name=f"{cfg.data.name}-{key.removesuffix('_data')}", digest=md5,
             )  # fmt: skip
+            with contextlib.suppress(AttributeError):  # should MLflow make it read-only: it infers it then
+                # MLflow infers the schema by scanning every value (5 s at 750,000 rows); the
+                # columns' dtypes decide it, so the first row gives the same schema.
+                dataset.schema = infer_signature(df.head(1)).inputs
             tags = [InputTag(MLFLOW_DATASET_CONTEXT, DATA_CONTEXTS[key]), InputTag("dvc.path", rel)]
             inputs.append(DatasetInput(dataset._to_mlflow_entity(), tags))
     return inputs
