@@ -11,6 +11,8 @@ import sys
 from collections.abc import Callable
 from typing import TypeVar
 
+from softmaxlab.core import timing
+
 EXIT_USER_ERROR = 2
 F = TypeVar("F", bound=Callable)
 
@@ -42,6 +44,9 @@ def entry_point(fn: F) -> F:
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
+        # Run as `python -m softmaxlab.stages.<stage>`, the module is __main__: name it by its spec.
+        spec = getattr(sys.modules.get(fn.__module__), "__spec__", None)
+        timing.stage_started((spec.name if spec else fn.__module__).rpartition(".")[2])
         try:
             return fn(*args, **kwargs)
         except UserError as err:

@@ -45,11 +45,15 @@ def run(
     with maybe_run(
         tracker, cfg, later_stages=(), run_name=run_name, parent_run_id=parent_run_id, tags=tags
     ) as run_id:
+        drawer = report.background_drawer()  # started now: it imports matplotlib while this trains
         train_df, test_df = data_for(cfg.data)
         generate.write(cfg, train_df, test_df, root)
         trained = train.run(cfg, root, tracker, run_id, progress=progress)
+        # The train stage's figures are drawn over there while this process evaluates and
+        # records; report.run has the rest drawn and waits for both.
+        early = drawer.submit(report.draw_train_figures, cfg, root) if drawer else None
         metrics = evaluate.run(cfg, root).metrics
-        report.run(cfg, root, tracker, run_id)
+        report.run(cfg, root, tracker, run_id, drawer=drawer, train_figures_drawn=early)
     return {
         **metrics,
         TRAIN_SECONDS: trained.train_seconds,

@@ -19,6 +19,7 @@ import numpy as np
 import pandas as pd
 
 from softmaxlab.core import metrics as names
+from softmaxlab.core import timing
 from softmaxlab.core.config import Config, as_dict, load_params
 from softmaxlab.core.errors import entry_point
 from softmaxlab.core.io import (
@@ -42,8 +43,9 @@ def _interval(m: dict[str, float], key: str, scaled: bool = False) -> str:
     return f"{value:.4f} [{lo:.4f}, {hi:.4f}]" if lo is not None else f"{value:.4f}"
 
 
-def make_figures(cfg: Config, root: Path, metrics: dict[str, float], tables: dict[str, pd.DataFrame]):
-    """Every figure of a run, from the stages' files and evaluate's metrics and tables."""
+def train_figures(cfg: Config, root: Path) -> dict:
+    """The figures drawn from the train stage's files alone: in a sweep they are drawn while
+    the job evaluates and records (pipeline.run)."""
     from softmaxlab.stages import plots
 
     k = len(cfg.data.centers)
@@ -54,11 +56,6 @@ def make_figures(cfg: Config, root: Path, metrics: dict[str, float], tables: dic
     grid = read_grid(root / cfg.paths.predictions / "grid.parquet")
     acc = float(np.mean(probs.argmax(axis=1) == labels))
     last = history.iloc[-1]
-    m, pct, t = metrics, f"{cfg.evaluate.ci:.0%} CI", metrics[names.TEMPERATURE]
-    reliability_titles = {
-        "reliability": f"before scaling: acc {m[names.test('accuracy')]:.3f}\nECE {_interval(m, 'ece')} ({pct})",
-        "reliability_ts": f"after scaling (T = {t:.2f})\nECE {_interval(m, 'ece', scaled=True)} ({pct})",
-    }
     return {
         "data.png": plots.data(train, test, f"{cfg.data.name}: {len(train)} train, {len(test)} test samples"),
         "training_curves.png": plots.training_curves(
@@ -66,13 +63,26 @@ def make_figures(cfg: Config, root: Path, metrics: dict[str, float], tables: dic
             f"model {cfg.model.name}, {cfg.optimizer.name} lr {cfg.optimizer.lr}: final val_loss "
             f"{last['val_loss']:.4f}, val_accuracy {last['val_accuracy']:.4f}",
         ),
-        "reliability.png": plots.reliability({n: tables[n] for n in reliability_titles}, reliability_titles),
-        "classwise.png": plots.classwise_reliability(
-            tables["classwise"], f"per-class reliability (classwise ECE {m[names.test('ece_classwise')]:.4f})"
-        ),
         "confusion.png": plots.confusion(labels, probs.argmax(axis=1), k, f"test accuracy {acc:.4f}"),
         "landscape.png": plots.landscape(
             grid, train, "confidence landscape: colour = predicted class, pale = unsure"
+        ),
+    }
+
+
+def evaluation_figures(metrics: dict[str, float], tables: dict[str, pd.DataFrame], ci: float) -> dict:
+    """The figures of evaluate's reliability tables and metrics."""
+    from softmaxlab.stages import plots
+
+    m, pct, t = metrics, f"{ci:.0%} CI", metrics[names.TEMPERATURE]
+    reliability_titles = {
+        "reliability": f"before scaling: acc {m[names.test('accuracy')]:.3f}\nECE {_interval(m, 'ece')} ({pct})",
+        "reliability_ts": f"after scaling (T = {t:.2f})\nECE {_interval(m, 'ece', scaled=True)} ({pct})",
+    }
+    return {
+        "reliability.png": plots.reliability({n: tables[n] for n in reliability_titles}, reliability_titles),
+        "classwise.png": plots.classwise_reliability(
+            tables["classwise"], f"per-class reliability (classwise ECE {m[names.test('ece_classwise')]:.4f})"
         ),
     }
 
@@ -176,18 +186,32 @@ CAPTIONS = {
 }
 
 
-def draw(
+def draw_train_figures(cfg: Config, root: Path) -> None:
+    fig_dir = root / cfg.paths.figures
+    for name, fig in train_figures(cfg, root).items():
+        save_figure(fig, fig_dir / name)
+
+
+def draw_rest(
     cfg: Config, root: Path, metrics: dict[str, float], tables: dict[str, pd.DataFrame], info: dict
 ) -> Path:
-    """The figures and the HTML page under `root` (`info`: the train stage's train.json);
-    returns the page's path."""
+    """Evaluate's figures and the HTML page, once draw_train_figures is done; the page's path."""
     fig_dir = root / cfg.paths.figures
-    for name, fig in make_figures(cfg, root, metrics, tables).items():
+    for name, fig in evaluation_figures(metrics, tables, cfg.evaluate.ci).items():
         save_figure(fig, fig_dir / name)
     images = [(fig_dir / name, caption) for name, caption in CAPTIONS.items()]
     report_path = root / cfg.paths.report
     write_text(report_path, render(cfg, metrics, info, images))
     return report_path
+
+
+def draw(
+    cfg: Config, root: Path, metrics: dict[str, float], tables: dict[str, pd.DataFrame], info: dict
+) -> Path:
+    """The figures and the HTML page under `root` (`info`: the train stage's train.json);
+    returns the page's path."""
+    draw_train_figures(cfg, root)
+    return draw_rest(cfg, root, metrics, tables, info)
 
 
 def description(cfg: Config, metrics: dict[str, float]) -> str:
@@ -299,7 +323,10 @@ def record_evaluation(tracker, run_id: str, cfg: Config, root: Path, metrics: di
     if cfg.tracking.log_model:
         k = len(cfg.data.centers)
         example = read_split(root / cfg.paths.test_data, k)[list(FEATURES)].iloc[:1]
-        log_calibrated_model(tracker, run_id, root / cfg.paths.model, metrics[names.TEMPERATURE], example, k)
+        with timing.phase("log model"):
+            log_calibrated_model(
+                tracker, run_id, root / cfg.paths.model, metrics[names.TEMPERATURE], example, k
+            )
 
 
 def record_report(tracker, run_id: str, cfg: Config, root: Path) -> None:
@@ -307,31 +334,82 @@ def record_report(tracker, run_id: str, cfg: Config, root: Path) -> None:
     tracker.log_artifacts(run_id, [root / cfg.paths.report])
 
 
-def run(cfg: Config, root: Path, tracker=None, run_id: str | None = None, stage: bool = False) -> Path:
+def run(
+    cfg: Config, root: Path, tracker=None, run_id: str | None = None, stage: bool = False,
+    drawer=None, train_figures_drawn=None,
+) -> Path:  # fmt: skip
     """Record evaluate's results in the run (first: they count even if drawing fails), draw
     the figures and the HTML page under `root`, and log those too.
 
-    stage=True is `dvc repro`'s report stage (main): the figures are drawn in a forked
-    process while this one imports MLflow, reopens the run train opened and records into it
-    (matplotlib and MLflow each take seconds to import; on two cores they overlap), and the
-    run is marked FINISHED at the end: report is the pipeline's last stage."""
+    The figures are drawn in another process while this one records (matplotlib's rendering
+    and MLflow's logging each take seconds; on two cores they overlap):
+    - stage=True is `dvc repro`'s report stage (main): a process forked for it draws while
+      this one imports MLflow and reopens the run train opened; the run is marked FINISHED at
+      the end: report is the pipeline's last stage;
+    - `drawer` (background_drawer, the in-process pipeline): its process has drawn, or is
+      drawing, the train stage's figures (`train_figures_drawn`, a future) and then draws the
+      rest.
+    Otherwise they are drawn here, after recording."""
     from softmaxlab.tracking.tracker import reopen
 
     metrics, tables = evaluate.read(cfg, root)
     info_path = root / cfg.paths.train_info
     info = train_info(cfg, root) if stage or info_path.is_file() else {}
     with _drawing(in_background=stage) as submit:
-        drawn = submit(draw, cfg, root, metrics, tables, info)
-        if stage:
-            tracker, run_id = reopen(cfg, info)
-        if tracker:
-            record_evaluation(tracker, run_id, cfg, root, metrics)
-        report_path = drawn.result()
+        if drawer is not None:
+            drawn = drawer.submit(draw_rest, cfg, root, metrics, tables, info)
+        else:
+            drawn = submit(draw, cfg, root, metrics, tables, info)
+        with timing.phase("tracking"):
+            if stage:
+                tracker, run_id = reopen(cfg, info)
+            if tracker:
+                record_evaluation(tracker, run_id, cfg, root, metrics)
+        with timing.phase("figures"):  # in the stage: what is left to wait for
+            if train_figures_drawn is not None:
+                train_figures_drawn.result()
+            report_path = drawn.result()
     if tracker:
-        record_report(tracker, run_id, cfg, root)
-        if stage:
-            tracker.finish(run_id)
+        with timing.phase("tracking"):
+            record_report(tracker, run_id, cfg, root)
+            if stage:
+                tracker.finish(run_id)
     return report_path
+
+
+# One drawing process per process that runs in-process pipelines (a sweep's jobs one after the
+# other): it draws one job's figures while that job evaluates and records.
+_drawer: list = []
+
+
+def warm_up() -> None:
+    """The drawing process's first task: import what drawing needs while the first job trains."""
+    from softmaxlab.stages import plots  # noqa: F401  (matplotlib, ~1 s)
+
+
+def background_drawer():
+    """The process that draws for the in-process pipeline (a ProcessPoolExecutor of one),
+    started on first use, or None where no process can be started (then pipeline.run draws
+    in-process). Spawned, not forked: this process may hold TensorFlow's threads by then.
+    It ignores Ctrl-C (this process answers it) and ends with this process."""
+    if _drawer:
+        return _drawer[0]
+    import atexit
+    import multiprocessing
+    import signal
+    from concurrent.futures import ProcessPoolExecutor
+
+    try:
+        pool = ProcessPoolExecutor(
+            1, mp_context=multiprocessing.get_context("spawn"), initializer=signal.signal,
+            initargs=(signal.SIGINT, signal.SIG_IGN),
+        )  # fmt: skip
+        pool.submit(warm_up)
+    except (OSError, RuntimeError):  # no process to be had: draw in-process
+        return None
+    atexit.register(pool.shutdown)
+    _drawer.append(pool)
+    return pool
 
 
 class _Later:

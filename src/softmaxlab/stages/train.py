@@ -12,6 +12,7 @@ from typing import Any
 
 import pandas as pd
 
+from softmaxlab.core import timing
 from softmaxlab.core.config import Config, fit_size, load_params
 from softmaxlab.core.errors import UserError, entry_point
 from softmaxlab.core.io import atomic_path, file_md5, read_split, write_json, write_table
@@ -72,10 +73,13 @@ def run(
     predictions and history; log to the tracker's run. Shared by `dvc repro` and the Hydra app."""
     train_df, test_df, data_md5 = data or load_data(cfg, root)
     if tracker:
-        tracker.set_tags(run_id, {"data_md5": data_md5, "data.name": cfg.data.name})
-        tracker.log_data(run_id, cfg, root, {"train_data": train_df, "test_data": test_df})
-    result = train(cfg, train_df, test_df, progress)
-    save(cfg, result, root)
+        with timing.phase("tracking"):
+            tracker.set_tags(run_id, {"data_md5": data_md5, "data.name": cfg.data.name})
+            tracker.log_data(run_id, cfg, root, {"train_data": train_df, "test_data": test_df})
+    with timing.phase("train"):
+        result = train(cfg, train_df, test_df, progress)
+    with timing.phase("save"):
+        save(cfg, result, root)
     last = result.history.iloc[-1]
     warning = shortfall(result)
     result.info = {
@@ -96,7 +100,8 @@ def run(
         "data_md5": data_md5,
     }
     if tracker:
-        tracker.log_training(run_id, result, cfg)
+        with timing.phase("tracking"):
+            tracker.log_training(run_id, result, cfg)
     write_json(root / cfg.paths.train_info, result.info)
     write_json(root / cfg.paths.setup, setup(cfg), sort_keys=False)
     return result
@@ -113,18 +118,20 @@ def summary_line(result: TrainResult, run_id: str | None) -> str:
 
 
 def stage(cfg: Config, root: Path, progress: bool = False) -> tuple[TrainResult, str | None]:
-    """The `dvc repro` stage: data checked before any MLflow run exists, a new sqlite store
-    created in a side process while Keras imports, then run() inside one MLflow run."""
-    from softmaxlab.tracking.store import prepare_store
-    from softmaxlab.tracking.tracker import connect, maybe_run
+    """The `dvc repro` stage: data checked before any MLflow run exists, then run() with the
+    MLflow half in a process of its own (tracking.beside): it imports MLflow, opens the store
+    (creating a new one) and the run while this process imports Keras."""
+    from softmaxlab.tracking.beside import beside
 
-    data = load_data(cfg, root)  # bad data is refused before any MLflow run exists
-    preparing = prepare_store(cfg)
-    keras_for(cfg)
-    if preparing:
-        preparing.wait()
-    tracker = connect(cfg)
-    with maybe_run(tracker, cfg) as run_id:
+    with timing.phase("read data"):
+        data = load_data(cfg, root)  # bad data is refused before any MLflow run exists
+    if not cfg.tracking.enabled:
+        keras_for(cfg)
+        return run(cfg, root, None, None, data, progress), None
+    with timing.edges(beside(cfg), "tracking") as tracker:  # leaving it waits for the run's records
+        keras_for(cfg)
+        with timing.phase("tracking"):  # what is left to wait for: a refused login stops here
+            run_id = tracker.run_id()
         result = run(cfg, root, tracker, run_id, data, progress)
     return result, run_id
 
