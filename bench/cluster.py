@@ -80,7 +80,7 @@ def sweep_variant(work: Path, proj: Path, key: str, i: int) -> dict:
         if inner["rc"] != 0:
             raise RuntimeError(f"{key}: the sweep exited {inner['rc']}: see {log}")
         r = {"wall": inner["wall"], "cluster_start_and_stop": total - inner["wall"]}
-    r.update(base._sweep_summary(sweep_dir), load_before=load, load_after=os.getloadavg()[0])
+    r.update(base.sweep_summary(sweep_dir), load_before=load, load_after=os.getloadavg()[0])
     return r
 
 

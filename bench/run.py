@@ -271,7 +271,7 @@ def sweep_rows(work: Path, repeats: int, raw: dict, parallel: bool = True) -> No
                 f"hydra.sweep.dir={sweep_dir}",
             ]
             r = measure(cmd, proj, log=work / "logs" / f"{key}{i}.log")
-            r.update(_sweep_summary(sweep_dir), workers=os.cpu_count() if extra_args else 1)
+            r.update(sweep_summary(sweep_dir), workers=os.cpu_count() if extra_args else 1)
             raw[key].append(r)
             say(
                 f"{key} {i + 1}/{repeats}: {r['wall']:.1f} s, {r.get('finished')} jobs finished, "
@@ -279,7 +279,7 @@ def sweep_rows(work: Path, repeats: int, raw: dict, parallel: bool = True) -> No
             )
 
 
-def _sweep_summary(sweep_dir: Path) -> dict:
+def sweep_summary(sweep_dir: Path) -> dict:
     import csv
 
     path = sweep_dir / "summary.csv"

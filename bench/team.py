@@ -94,7 +94,7 @@ def sweep_rows(work: Path, env: dict, repeats: int) -> dict:
             r = measured(
                 cmd, proj, bench.ENV if kind == "sqlite" else env, work / "logs" / f"sweep-{kind}{i}.log"
             )
-            r.update(bench._sweep_summary(work / f"sweep-{kind}{i}"))
+            r.update(bench.sweep_summary(work / f"sweep-{kind}{i}"))
             out[kind].append(r)
             bench.say(f"  24-job sweep -> {kind}: {r['wall']:.1f} s, {r.get('finished')} finished "
                       f"(load {r['load_before']} -> {r['load_after']})")  # fmt: skip
