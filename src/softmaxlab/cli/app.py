@@ -117,6 +117,7 @@ def job(dcfg) -> float:
             cfg, Path(hc.runtime.output_dir), tracker, run_name=overrides or None,
             parent_run_id=parent_run_id() if multirun else None, tags=tags,
             progress=not multirun and training.show_progress(),  # a sweep's jobs: one line each
+            draw_beside=not multirun or hc.launcher._target_.endswith(".BasicLauncher"),  # this process
         )  # fmt: skip
 
     try:

@@ -35,9 +35,13 @@ def run(
     parent_run_id: str | None = None,
     tags: dict[str, str] | None = None,
     progress: bool = False,
+    draw_beside: bool = False,
 ) -> dict[str, float]:
     """generate -> train -> evaluate -> report under `root`; returns the metrics (and the
-    train stage's warning, if any, under "warning"). `progress`: Keras' progress bar."""
+    train stage's warning, if any, under "warning"). `progress`: Keras' progress bar.
+    `draw_beside`: the figures are drawn in a process of its own while the job evaluates and
+    records (report.background_drawer): for the app's own process, which runs job after job;
+    not inside a launcher's worker (joblib's, Ray's), whose processes are not this one's to fork."""
     from softmaxlab.tracking.tracker import maybe_run
 
     root = Path(root)
@@ -45,7 +49,9 @@ def run(
     with maybe_run(
         tracker, cfg, later_stages=(), run_name=run_name, parent_run_id=parent_run_id, tags=tags
     ) as run_id:
-        drawer = report.background_drawer()  # started now: it imports matplotlib while this trains
+        drawer = (
+            report.background_drawer() if draw_beside else None
+        )  # started now: it imports matplotlib while this trains
         train_df, test_df = data_for(cfg.data)
         generate.write(cfg, train_df, test_df, root)
         trained = train.run(cfg, root, tracker, run_id, progress=progress)

@@ -366,15 +366,31 @@ def run(
             if tracker:
                 record_evaluation(tracker, run_id, cfg, root, metrics)
         with timing.phase("figures"):  # in the stage: what is left to wait for
-            if train_figures_drawn is not None:
-                train_figures_drawn.result()
-            report_path = drawn.result()
+            if drawer is None:
+                report_path = drawn.result()
+            else:
+                report_path = _drawn_beside(drawn, train_figures_drawn, cfg, root, metrics, tables, info)
     if tracker:
         with timing.phase("tracking"):
             record_report(tracker, run_id, cfg, root)
             if stage:
                 tracker.finish(run_id)
     return report_path
+
+
+def _drawn_beside(drawn, train_figures_drawn, cfg, root, metrics, tables, info) -> Path:
+    """The page the drawing process drew; should that process have died (killed, say, by
+    the machine running out of memory), this process draws everything itself, and stops
+    using it."""
+    from concurrent.futures.process import BrokenProcessPool
+
+    try:
+        if train_figures_drawn is not None:
+            train_figures_drawn.result()
+        return drawn.result()
+    except BrokenProcessPool:
+        _drawer[:] = [None]
+        return draw(cfg, root, metrics, tables, info)
 
 
 # One drawing process per process that runs in-process pipelines (a sweep's jobs one after the
@@ -393,7 +409,7 @@ def background_drawer():
     in-process). Spawned, not forked: this process may hold TensorFlow's threads by then.
     It ignores Ctrl-C (this process answers it) and ends with this process."""
     if _drawer:
-        return _drawer[0]
+        return _drawer[0]  # None once it broke: drawn in-process from then on
     import atexit
     import multiprocessing
     import signal
