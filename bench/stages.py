@@ -15,7 +15,8 @@ Columns: *start* is from the process's creation to its main() (the interpreter a
 imports at the top of the stage's modules); *imports* are the imports made after that (Keras,
 MLflow, scikit-learn...); *tracking* is MLflow work in the stage's own process (the train
 stage's other MLflow half runs in a process beside it and shows only as what train waits for);
-*other* is the rest of the stage's own work.
+*other* is the rest of the stage's own work; *exit* is the interpreter's teardown after the
+record is written (the process is watched every 20 ms).
 """
 
 from __future__ import annotations
@@ -46,18 +47,48 @@ def one_repro(project: Path, mode: str) -> dict:
         env = dict(ENV, SOFTMAXLAB_TIMINGS=records.name)
         load = os.getloadavg()[0]
         start = time.time()
-        proc = subprocess.run(MODES[mode], cwd=project, env=env, capture_output=True, text=True)
-        end = time.time()
-        if proc.returncode != 0:
-            raise RuntimeError(
-                f"{' '.join(MODES[mode])} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}"
-            )
+        with tempfile.TemporaryFile("w+") as log:
+            proc = subprocess.Popen(MODES[mode], cwd=project, env=env, stdout=log, stderr=subprocess.STDOUT)
+            gone = watch_children(proc)
+            end = time.time()
+            if proc.returncode != 0:
+                log.seek(0)
+                raise RuntimeError(f"{' '.join(MODES[mode])} failed:\n{log.read()[-3000:]}")
         stages = [json.loads(line) for line in Path(records.name).read_text().splitlines()]
+    for rec in stages:  # when the process was last seen: its exit, after the interpreter's teardown
+        rec["gone"] = gone.get(rec["pid"], rec["exit"])
     return {"mode": mode, "start": start, "end": end, "load": load, "stages": stages}
 
 
+def watch_children(proc: subprocess.Popen) -> dict[int, float]:
+    """pid -> the last moment (every 20 ms) each process under proc was seen alive: a stage's
+    record is written at exit, but the interpreter's teardown (TensorFlow's, say) comes after."""
+    import threading
+
+    import psutil
+
+    seen: dict[int, float] = {}
+
+    def poll() -> None:
+        root = psutil.Process(proc.pid)
+        while proc.poll() is None:
+            try:
+                now = time.time()
+                for child in root.children(recursive=True):
+                    seen[child.pid] = now
+            except psutil.Error:
+                pass
+            time.sleep(0.02)
+
+    watcher = threading.Thread(target=poll, daemon=True)
+    watcher.start()
+    proc.wait()
+    watcher.join()
+    return seen
+
+
 def breakdown(run: dict) -> dict[str, float]:
-    """One run as named seconds: per stage start/imports/phases/other, DVC's gaps."""
+    """One run as named seconds: per stage start/imports/phases/other/exit, DVC's gaps."""
     out: dict[str, float] = {"total": run["end"] - run["start"]}
     previous_end, dvc = run["start"], 0.0
     for rec in run["stages"]:
@@ -65,20 +96,21 @@ def breakdown(run: dict) -> dict[str, float]:
         gap = rec["created"] - previous_end
         out[f"dvc before {s}"] = gap
         dvc += gap
-        total = rec["exit"] - rec["created"]
+        recorded = rec["exit"] - rec["created"]
         start = rec["main"] - rec["created"]
         imports = sum(rec["imports"].values())
         phases = rec["phases"]
-        out[f"{s}"] = total
+        out[f"{s}.teardown"] = max(rec["gone"] - rec["exit"], 0.0)
+        out[f"{s}"] = recorded + out[f"{s}.teardown"]
         out[f"{s}.start"] = start
         out[f"{s}.imports"] = imports
         for pkg, secs in rec["imports"].items():
             out[f"{s}.import {pkg}"] = secs
         for name, secs in phases.items():
             out[f"{s}.{name}"] = secs
-        out[f"{s}.other"] = total - start - imports - sum(phases.values())
+        out[f"{s}.other"] = recorded - start - imports - sum(phases.values())
         out[f"{s}.peak_rss_mib"] = rec["peak_rss_mib"]
-        previous_end = rec["exit"]
+        previous_end = max(rec["gone"], rec["exit"])
     out["dvc after the last stage"] = run["end"] - previous_end
     out["dvc"] = dvc + out["dvc after the last stage"]
     return out
@@ -102,7 +134,7 @@ def imports_cell(m: dict[str, float], stage: str, top: int = 3) -> str:
 
 
 def phases_cell(m: dict[str, float], stage: str) -> str:
-    skip = {"start", "imports", "other", "peak_rss_mib"}
+    skip = {"start", "imports", "other", "peak_rss_mib", "teardown"}
     names = [
         k.split(".", 1)[1] for k in m if k.startswith(f"{stage}.") and not k.startswith(f"{stage}.import")
     ]
@@ -111,21 +143,21 @@ def phases_cell(m: dict[str, float], stage: str) -> str:
 
 def table(m: dict[str, float]) -> str:
     rows = [
-        "| | process s | start | imports (largest) | phases | other | peak RSS |",
-        "|---|---:|---:|---|---|---:|---:|",
+        "| | process s | start | imports (largest) | phases | other | exit | peak RSS |",
+        "|---|---:|---:|---|---|---:|---:|---:|",
     ]
     for s in STAGES:
         if s not in m:
             continue
-        rows.append(f"| DVC before {s} | {m[f'dvc before {s}']:.2f} | | | | | |")
+        rows.append(f"| DVC before {s} | {m[f'dvc before {s}']:.2f} | | | | | | |")
         rows.append(
             f"| **{s}** | {m[s]:.2f} | {m[f'{s}.start']:.2f} | {imports_cell(m, s)} | {phases_cell(m, s)} | "
-            f"{m[f'{s}.other']:.2f} | {m[f'{s}.peak_rss_mib']:.0f} MiB |"
+            f"{m[f'{s}.other']:.2f} | {m[f'{s}.teardown']:.2f} | {m[f'{s}.peak_rss_mib']:.0f} MiB |"
         )
-    rows.append(f"| DVC after the last stage | {m['dvc after the last stage']:.2f} | | | | | |")
+    rows.append(f"| DVC after the last stage | {m['dvc after the last stage']:.2f} | | | | | | |")
     stage_sum = sum(m[s] for s in STAGES if s in m)
     rows.append(
-        f"| **`dvc repro`, whole** | **{m['total']:.2f}** | stages {stage_sum:.2f}, DVC {m['dvc']:.2f} | | | | |"
+        f"| **`dvc repro`, whole** | **{m['total']:.2f}** | stages {stage_sum:.2f}, DVC {m['dvc']:.2f} | | | | | |"
     )
     return "\n".join(rows)
 
@@ -161,7 +193,8 @@ def main(argv: list[str] | None = None) -> int:
         "",
         "Seconds. *start*: process creation to main() (interpreter, module-level imports); *imports*: "
         "imports after that; phases: the stage's named work (*tracking* = MLflow in this process; the "
-        "train stage's other MLflow half runs beside it, tracking.beside); *other*: the rest. "
+        "train stage's other MLflow half runs beside it, tracking.beside); *other*: the rest; *exit*: the "
+        "interpreter's teardown after its record (the process watched every 20 ms). "
         "DVC rows: between one stage's exit and the next one's creation (DVC hashes outputs, rewrites "
         "dvc.lock, starts the next command).",
     ]

@@ -52,18 +52,26 @@ def _timed_import(original):
     return timed
 
 
+_nested: list[float] = []  # per open phase: the seconds of the phases inside it
+
+
 @contextlib.contextmanager
 def phase(name: str):
-    """Count the block's seconds, less the imports it made, under `name`."""
+    """Count the block's seconds under `name`, less the imports it made and the phases
+    inside it (each counted under its own name)."""
     if not enabled():
         yield
         return
     start, imported = time.perf_counter(), _import_total()
+    _nested.append(0.0)
     try:
         yield
     finally:
-        spent = time.perf_counter() - start - (_import_total() - imported)
-        _phases[name] = _phases.get(name, 0.0) + spent
+        inclusive = time.perf_counter() - start - (_import_total() - imported)
+        inner = _nested.pop()
+        _phases[name] = _phases.get(name, 0.0) + inclusive - inner
+        if _nested:
+            _nested[-1] += inclusive
 
 
 @contextlib.contextmanager
