@@ -7,7 +7,7 @@ import importlib
 import sys
 from pathlib import Path
 
-from softmaxlab.core.errors import UserError, fail
+from softmaxlab.core.errors import UserError, fail, quick_exit
 
 COMMANDS = """\
 softmaxlab: the Keras softmax classifier on make_blobs, end to end (generate -> train ->
@@ -90,6 +90,7 @@ COMMAND_TABLE = {
 
 
 def cli() -> None:
+    quick_exit()
     args = sys.argv[1:]
     if args and args[0] in ("--help", "-h"):
         print(help_text(), end="")

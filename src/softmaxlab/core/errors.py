@@ -5,7 +5,9 @@ A traceback is for bugs. Set SOFTMAXLAB_DEBUG=1 to get one for user errors too.
 
 from __future__ import annotations
 
+import atexit
 import functools
+import gc
 import os
 import sys
 from collections.abc import Callable
@@ -39,8 +41,22 @@ def fail(message: str) -> None:
     sys.exit(EXIT_USER_ERROR)
 
 
+def quick_exit() -> None:
+    """Let this process end without the garbage collector walking every object it holds.
+
+    At exit the interpreter collects garbage again and again while it clears its modules:
+    2.2 s after importing Keras and TensorFlow, 0.7 s after MLflow, paid by every stage and
+    every `softmaxlab` command. Registered before the work's imports, gc.freeze() runs after
+    their exit handlers (atexit is last-in first-out) and moves what exists then out of the
+    collector's sight: objects are still freed as their references go, and whatever is made
+    later is collected as usual."""
+    atexit.register(gc.freeze)
+
+
 def entry_point(fn: F) -> F:
-    """Wrap a stage's main(): user errors print one line and exit 2; Ctrl-C exits 130."""
+    """Wrap a stage's main(): user errors print one line and exit 2; Ctrl-C exits 130; the
+    process ends quickly (quick_exit)."""
+    quick_exit()
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
