@@ -15,8 +15,8 @@ Keras 3 runs one model on TensorFlow or JAX; the backend is fixed per process by
 - `select_device(name, requested)` maps train.device = auto | cpu | gpu to a device scope and
   a human-readable name on either backend.
 
-(The third start-up trick, creating a new sqlite tracking store in a side process while this
-import runs, is `tracking.prepare_store`: it belongs to the store, not to Keras.)
+(The third start-up trick, the train stage's MLflow work in a side process while this import
+runs, is `tracking.beside`: it belongs to tracking, not to Keras.)
 """
 
 from __future__ import annotations

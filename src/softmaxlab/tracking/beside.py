@@ -29,7 +29,7 @@ from typing import Any
 
 from softmaxlab.core.config import Config
 
-# The worker's state: its Tracker, the open run's context and the run id.
+# The worker's state: its Tracker and the open run's context.
 _worker: dict[str, Any] = {}
 
 
@@ -41,7 +41,7 @@ def _open(cfg: Config) -> tuple[str, str, str] | None:
         return None
     stack = contextlib.ExitStack()
     run_id = stack.enter_context(maybe_run(tracker, cfg))
-    _worker.update(tracker=tracker, stack=stack, run_id=run_id)
+    _worker.update(tracker=tracker, stack=stack)
     return run_id, tracker.experiment_id, tracker.uri
 
 
@@ -65,7 +65,6 @@ class Beside:
     """A Tracker's methods for the train stage, carried out in order by the worker."""
 
     def __init__(self, pool: ProcessPoolExecutor, cfg: Config):
-        self.cfg = cfg
         self._pool = pool
         self._opened = pool.submit(_open, cfg)
         self._sent: list = []

@@ -4,8 +4,6 @@ experiment, and sqlite's moments of "database is locked"."""
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -101,27 +99,6 @@ def ensure_experiment(uri: str, name: str) -> str:
         if exp is None:
             raise
         return exp.experiment_id
-
-
-def prepare_store(cfg: Config) -> subprocess.Popen | None:
-    """Start creating a new local sqlite store in a background process, or None if there is
-    nothing to create.
-
-    A new store costs seconds of MLflow's schema migrations. The train stage starts this
-    before importing TensorFlow, so the two run side by side on two cores; connect() then
-    finds the store ready (and reports any error itself). The process has its own session:
-    Ctrl-C in the terminal does not cut a migration in half.
-    """
-    if not cfg.tracking.enabled:
-        return None
-    uri = resolve_uri(cfg)
-    if not uri.startswith("sqlite:///") or Path(uri.removeprefix("sqlite:///")).exists():
-        return None
-    code = "import sys; from softmaxlab.tracking.store import ensure_experiment; ensure_experiment(*sys.argv[1:])"
-    return subprocess.Popen(
-        [sys.executable, "-c", code, uri, cfg.tracking.experiment],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-    )  # fmt: skip
 
 
 def runs_table_url(experiment_id: str, host: str = "http://127.0.0.1:5000") -> str:
